@@ -1,0 +1,1 @@
+"""Backends: one module per backend, each implementing :class:`procession.Backend`."""

@@ -1,0 +1,163 @@
+"""The contract between the scheduler and a backend.
+
+A backend is deliberately small: it starts workers, moves opaque task bytes
+to them, calls :func:`procession.worker.run_task` there, and hands the result
+bytes back through a :class:`TaskFuture`.  It knows nothing of chunking,
+ordering, retries, serializers or timeouts; the scheduler does all of that,
+once, for every backend.
+
+    scheduler ──submit(task bytes)──► Backend ──► worker: run_task(bytes) -> bytes
+        ▲                               │
+        └──── TaskFuture[bytes] ◄───────┘   (or WorkerCrashedError when a worker died)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can promise; the scheduler rejects options it cannot honour.
+
+    - ``isolated``: tasks run in other processes (a crash cannot take the caller down).
+    - ``kill``: :meth:`Backend.kill_task` can stop a running task, so ``timeout=`` works.
+    - ``crash_detection``: a dead worker fails its task with ``WorkerCrashedError``
+      (rather than hanging), so ``retries=`` can re-run it.
+    - ``remote``: workers may run on other machines.
+    """
+
+    isolated: bool
+    kill: bool
+    crash_detection: bool
+    remote: bool = False
+
+    def names(self) -> list[str]:
+        return [name for name, value in vars(self).items() if value]
+
+
+class TaskFuture(Future[bytes]):
+    """A future for one task's result bytes.
+
+    A backend calls :meth:`mark_started` when a worker actually begins the
+    task (the scheduler measures ``timeout=`` from there) and may record the
+    worker's identity in ``worker``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started_at: float | None = None
+        self.worker: Any = None
+
+    def mark_started(self, worker: Any = None) -> None:
+        self.started_at = time.monotonic()
+        self.worker = worker
+
+
+def default_worker_count() -> int:
+    """CPUs this process may use (``os.process_cpu_count()`` on 3.13+)."""
+    counter = getattr(os, "process_cpu_count", None)
+    if counter is not None:
+        count = counter()
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0))
+    else:
+        count = os.cpu_count()
+    return max(1, count or 1)
+
+
+class Backend(ABC):
+    """The abstract base a backend implements.  Subclass it, then register it:
+
+    Example::
+
+        class InlineBackend(procession.Backend):
+            name = "inline"
+            capabilities = procession.Capabilities(
+                isolated=False, kill=False, crash_detection=False)
+
+            def start(self): pass
+            def submit(self, task):
+                future = procession.TaskFuture()
+                future.mark_started()
+                future.set_result(procession.worker.run_task(task))
+                return future
+            def shutdown(self, *, wait=True, kill=False): pass
+
+        procession.register_backend("inline", InlineBackend)
+
+    Constructor keywords: ``workers`` (None means a sensible default) and
+    ``worker_setup`` (opaque bytes to pass to
+    :func:`procession.worker.initialize_worker` in every new worker before its
+    first task).  Backend-specific options are further keywords.
+    """
+
+    #: Registered name; set by subclasses (used in messages).
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        isolated=False, kill=False, crash_detection=False
+    )
+    #: Serializer used when the caller does not choose one.
+    default_serializer: ClassVar[str] = "cloudpickle"
+
+    def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
+        if workers is not None:
+            if isinstance(workers, bool) or not isinstance(workers, int):
+                raise TypeError(f"workers must be a positive int or None, got {workers!r}")
+            if workers <= 0:
+                raise ValueError(f"workers must be a positive int or None, got {workers}")
+        self.workers: int = workers if workers is not None else default_worker_count()
+        self.worker_setup = worker_setup
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise BackendUnavailableError (naming the ``pip install``) if a dependency
+        is missing.  Must be cheap and must not start anything."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the workers (idempotent; the scheduler calls it before submitting)."""
+
+    @abstractmethod
+    def submit(self, task: bytes) -> TaskFuture:
+        """Queue ``task`` for a worker; the future resolves to ``run_task(task)``'s bytes.
+
+        If the worker dies while running it, fail the future with
+        ``WorkerCrashedError`` (if the backend has ``crash_detection``).
+        """
+
+    def kill_task(self, future: TaskFuture) -> None:
+        """Stop the running task behind ``future``: kill its worker, replace it, and
+        fail the future.  Only backends with ``capabilities.kill`` implement this."""
+        raise NotImplementedError(f"backend {self.name!r} cannot kill a running task")
+
+    @abstractmethod
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        """Stop the workers.  ``wait``: let queued and running tasks finish first.
+        ``kill``: terminate the workers now, failing unfinished futures; must
+        return within a few seconds even while a task hangs."""
+
+    def worker_pids(self) -> set[int]:
+        """Process ids of the live workers (empty for in-process backends)."""
+        return set()
+
+    @property
+    def started(self) -> bool:
+        return True
+
+    def __enter__(self) -> Backend:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} workers={self.workers}>"

@@ -1,0 +1,46 @@
+"""The ``serial`` backend: every task runs in the calling thread, at submit.
+
+For debugging (a breakpoint in the task works) and as the reference the other
+backends are compared with.  Tasks still go through the serializer, so a
+function that works here also crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from procession import worker
+from procession.backends.base import Backend, Capabilities, TaskFuture
+
+__all__ = ["SerialBackend"]
+
+
+class SerialBackend(Backend):
+    """Runs each task synchronously in the caller; one worker."""
+
+    name: ClassVar[str] = "serial"
+    capabilities = Capabilities(isolated=False, kill=False, crash_detection=False)
+
+    def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
+        super().__init__(workers=1 if workers is None else workers, worker_setup=worker_setup)
+        self.workers = 1
+        self._initialized = False
+
+    def start(self) -> None:
+        if not self._initialized:
+            worker.initialize_worker(self.worker_setup)
+            self._initialized = True
+
+    def submit(self, task: bytes) -> TaskFuture:
+        self.start()
+        future = TaskFuture()
+        future.set_running_or_notify_cancel()
+        future.mark_started("caller")
+        try:
+            future.set_result(worker.run_task(task))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        self._initialized = False

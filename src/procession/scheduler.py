@@ -1,0 +1,571 @@
+"""The scheduler: chunking, the in-flight window, ordering, retries, timeouts.
+
+It lives in the parent process and is written once for every backend.
+
+    iterable ──► chunker ──► encode (serializer) ──► Backend.submit(task bytes)
+       ▲  lazy: read only while             │                 │
+       │  the window has room               │        TaskFuture[result bytes]
+       │                                    ▼                 ▼
+    consumer ◄── emit (ordered: by input position; ◄── decode, retry lost
+                 unordered: as chunks complete)        chunks, enforce timeout=
+
+The window bounds chunks that are submitted or finished-but-not-yet-emitted,
+so memory stays flat for an input of any length, and a slow consumer throttles
+reading.  ``chunksize="auto"`` grows chunks until each takes about
+``TARGET_CHUNK_SECONDS`` of worker time, and never makes them so large that
+the tail of a known-length input starves workers.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from procession import worker
+from procession.backends.base import Backend, TaskFuture
+from procession.errors import (
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from procession.serialization.diagnostics import diagnose
+from procession.serialization.serializers import Serializer
+
+__all__ = ["MapRun", "decode_failure", "submit_call", "validate_map_options"]
+
+OnError = Literal["raise", "return"]
+ON_ERROR_CHOICES = ("raise", "return")
+TARGET_CHUNK_SECONDS = 0.02
+# How much a chunk may grow from one measurement to the next: one odd first
+# item must not produce a huge chunk.
+MAX_GROWTH = 16
+# Without a known length, an unstarted task's deadline cannot be computed; poll.
+POLL_SECONDS = 0.05
+
+
+def validate_map_options(
+    *,
+    chunksize: int | str,
+    ordered: bool,
+    timeout: float | None,
+    retries: int,
+    on_error: str,
+    backend: Backend,
+) -> None:
+    """Reject bad options at call time, naming the bad value and the valid ones."""
+    if chunksize != "auto":
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
+        if chunksize <= 0:
+            raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize}")
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, got {ordered!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not backend.capabilities.kill:
+            raise ValueError(
+                f"backend {backend.name!r} cannot stop a running task, so it cannot honour "
+                f"timeout={timeout}; use a process backend (backend='process') or drop timeout="
+            )
+        if chunksize not in ("auto", 1):
+            raise ValueError(
+                f"timeout= is per item, so items are sent one at a time; "
+                f"use chunksize='auto' or 1 with it, not {chunksize}"
+            )
+
+
+@dataclass
+class Chunk:
+    """Contiguous input items [start, start + len(items))."""
+
+    start: int
+    items: list[Any]
+    attempts: int = 0
+    submitted_at: float = 0.0
+    timed_out: bool = False
+
+    def indices(self) -> tuple[int, ...]:
+        return tuple(range(self.start, self.start + len(self.items)))
+
+
+@dataclass
+class Outcome:
+    """What came back for a chunk: values, and exceptions by relative position."""
+
+    chunk: Chunk
+    values: list[Any]
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+class AutoChunker:
+    """Chooses chunk sizes from measured worker time per item."""
+
+    def __init__(self, fixed: int | None, workers: int, length: int | None) -> None:
+        self.fixed = fixed
+        self.workers = workers
+        self.length = length
+        self.per_item: float | None = None
+        self.largest = 1
+
+    def next_size(self, consumed: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.per_item is None:
+            return 1
+        size = int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-9))
+        size = max(1, min(size, self.largest * MAX_GROWTH))
+        if self.length is not None:
+            # Keep at least two chunks per worker in the tail so none idles.
+            fair = math.ceil(max(self.length - consumed, 1) / (2 * self.workers))
+            size = min(size, fair)
+        self.largest = max(self.largest, size)
+        return size
+
+    def record(self, items: int, seconds: float) -> None:
+        if self.fixed is not None or items <= 0:
+            return
+        sample = seconds / items
+        self.per_item = sample if self.per_item is None else 0.5 * self.per_item + 0.5 * sample
+
+
+def decode_failure(
+    serializer: Serializer,
+    exc_bytes: bytes | None,
+    type_name: str,
+    message: str,
+    traceback_text: str,
+) -> BaseException:
+    """Rebuild a worker's exception, with its traceback text as ``__cause__``."""
+    exc: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            loaded = serializer.loads(exc_bytes)
+        except Exception:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            exc = loaded
+    if exc is None:
+        exc = RemoteError(type_name, message, traceback_text)
+    exc.__cause__ = RemoteTraceback(traceback_text)
+    return exc
+
+
+def encode_task(
+    serializer: Serializer,
+    fn_digest: bytes,
+    fn_bytes: bytes,
+    items_bytes: bytes,
+    *,
+    star: bool,
+    stop_on_error: bool,
+) -> bytes:
+    return pickle.dumps(
+        (worker.VERSION, serializer.name, fn_digest, fn_bytes, items_bytes, star, stop_on_error),
+        5,
+    )
+
+
+def encode_function(fn: Callable[..., Any], serializer: Serializer) -> tuple[bytes, bytes]:
+    """Serialize the function once per call; raise SerializationError naming it."""
+    if not callable(fn):
+        raise TypeError(f"the function to map must be callable, got {type(fn).__name__}")
+    try:
+        fn_bytes = serializer.dumps(fn)
+    except Exception as exc:
+        raise diagnose(fn, serializer, root="fn", exc=exc) from exc
+    return worker.digest(fn_bytes), fn_bytes
+
+
+def _worker_load_error(exc: BaseException, serializer: Serializer) -> BaseException:
+    """The worker could not decode the task: a serialization problem, reported here."""
+    cause = exc.__cause__
+    hint = (
+        " (a function pickled by reference must be importable in the worker: define it in a "
+        "module, or use serializer='cloudpickle')"
+        if not serializer.sends_code_by_value
+        else ""
+    )
+    error = SerializationError(
+        f"the worker could not load the task sent with serializer {serializer.name!r}: "
+        f"{type(exc).__name__}: {exc}{hint}",
+        serializer=serializer.name,
+    )
+    error.__cause__ = cause
+    return error
+
+
+class MapRun:
+    """One ``map`` call: a lazy iterator of results over ``backend``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        serializer: Serializer,
+        star: bool = False,
+        chunksize: int | str = "auto",
+        ordered: bool = True,
+        timeout: float | None = None,
+        retries: int = 0,
+        on_error: OnError = "raise",
+        progress: bool = False,
+        on_abort: Callable[[], None] | None = None,
+    ) -> None:
+        validate_map_options(
+            chunksize=chunksize,
+            ordered=ordered,
+            timeout=timeout,
+            retries=retries,
+            on_error=on_error,
+            backend=backend,
+        )
+        try:
+            self._source: Iterator[Any] = iter(iterable)
+        except TypeError:
+            raise TypeError(
+                f"map() needs an iterable of inputs, got {type(iterable).__name__}"
+            ) from None
+        self._length: int | None
+        try:
+            self._length = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            self._length = None
+        self._backend = backend
+        self._serializer = serializer
+        self._fn_digest, self._fn_bytes = encode_function(fn, serializer)
+        self._star = star
+        fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
+        self._chunker = AutoChunker(fixed, backend.workers, self._length)
+        self._ordered = ordered
+        self._timeout = timeout
+        self._retries = retries
+        self._stop_on_error = on_error == "raise"
+        self._window = max(2 * backend.workers, 2)
+        self._progress = progress
+        self._on_abort = on_abort
+        self._consumed = 0
+        self._exhausted = False
+        self._input_error: BaseException | None = None
+        self._pending: dict[TaskFuture, Chunk] = {}
+        self._iterator = self._run()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterator
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop reading input and cancel in-flight work."""
+        self._iterator.close()
+
+    # -- reading and sending ------------------------------------------------
+
+    def _read_chunk(self) -> Chunk | None:
+        size = self._chunker.next_size(self._consumed)
+        items: list[Any] = []
+        try:
+            for _ in range(size):
+                items.append(next(self._source))
+        except StopIteration:
+            self._exhausted = True
+        except Exception as exc:
+            self._exhausted = True
+            self._input_error = exc
+        if not items:
+            return None
+        chunk = Chunk(self._consumed, items)
+        self._consumed += len(items)
+        return chunk
+
+    def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
+        try:
+            items_bytes = self._serializer.dumps(chunk.items)
+        except Exception as exc:
+            if len(chunk.items) > 1:
+                # Find the culprit: send the others, fail only it.
+                for offset, item in enumerate(chunk.items):
+                    self._send(Chunk(chunk.start + offset, [item], chunk.attempts), ready)
+                return
+            root = "args" if self._star else "item"
+            error = diagnose(
+                chunk.items[0], self._serializer, root=root, exc=exc, index=chunk.start
+            )
+            error.__cause__ = exc
+            ready[chunk.start] = Outcome(chunk, [None], {0: error})
+            return
+        task = encode_task(
+            self._serializer,
+            self._fn_digest,
+            self._fn_bytes,
+            items_bytes,
+            star=self._star,
+            stop_on_error=self._stop_on_error,
+        )
+        chunk.submitted_at = time.monotonic()
+        self._pending[self._backend.submit(task)] = chunk
+
+    # -- receiving ----------------------------------------------------------
+
+    def _receive(self, future: TaskFuture, chunk: Chunk, retry: deque[Chunk]) -> Outcome | None:
+        """Decode a finished task; None when its chunk was queued for a retry."""
+        try:
+            data = future.result()
+        except CancelledError:
+            data = None
+            error: BaseException = WorkerCrashedError(
+                f"the task for items {_span(chunk)} was cancelled by the backend",
+                items=chunk.indices(),
+            )
+        except WorkerCrashedError as exc:
+            data = None
+            error = exc
+        except BaseException as exc:
+            data = None
+            error = exc
+        if data is None:
+            if chunk.timed_out:
+                return self._all_failed(
+                    chunk,
+                    TaskTimeoutError(
+                        f"item {chunk.start} ran longer than timeout={self._timeout}s; "
+                        f"its worker was stopped and replaced",
+                        index=chunk.start,
+                        timeout=self._timeout,
+                    ),
+                )
+            if isinstance(error, WorkerCrashedError):
+                if chunk.attempts < self._retries:
+                    # Retry item by item so one poisonous item cannot sink the rest.
+                    for offset, item in enumerate(chunk.items):
+                        retry.append(Chunk(chunk.start + offset, [item], chunk.attempts + 1))
+                    return None
+                error = _crash_for(chunk, error, self._retries)
+            return self._all_failed(chunk, error)
+
+        _version, values_bytes, failures, seconds = pickle.loads(data)
+        if values_bytes is None:
+            # The worker could not even decode the task.
+            _, exc_bytes, type_name, message, tb_text = failures[0]
+            exc = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
+            return self._all_failed(chunk, _worker_load_error(exc, self._serializer))
+        values = self._serializer.loads(values_bytes)
+        self._chunker.record(len(values), seconds)
+        errors = {
+            position: decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
+            for position, exc_bytes, type_name, message, tb_text in failures
+        }
+        for position, exc in errors.items():
+            if isinstance(exc, SerializationError) and exc.index is None:
+                exc.index = chunk.start + position
+        return Outcome(chunk, values, errors)
+
+    @staticmethod
+    def _all_failed(chunk: Chunk, error: BaseException) -> Outcome:
+        return Outcome(chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error))
+
+    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[Any]:
+        values, errors = outcome.values, outcome.errors
+        if not errors:
+            yield from values
+            if bar is not None:
+                bar.update(len(values))
+            return
+        for position, value in enumerate(values):
+            if position in errors:
+                if self._stop_on_error:
+                    raise errors[position]
+                value = errors[position]
+            if bar is not None:
+                bar.update(1)
+            yield value
+        # With stop_on_error the worker stops at the first failure: values past it
+        # never existed, and the raise above ended the map.
+
+    # -- the loop -----------------------------------------------------------
+
+    def _wait_seconds(self) -> float | None:
+        if self._timeout is None:
+            return None
+        now = time.monotonic()
+        nearest = POLL_SECONDS
+        for future in self._pending:
+            if future.started_at is not None:
+                nearest = min(nearest, future.started_at + self._timeout - now)
+        return max(nearest, 0.0)
+
+    def _enforce_timeouts(self) -> None:
+        if self._timeout is None:
+            return
+        now = time.monotonic()
+        for future, chunk in list(self._pending.items()):
+            started = future.started_at
+            if (
+                not chunk.timed_out
+                and started is not None
+                and not future.done()
+                and now - started > self._timeout
+            ):
+                chunk.timed_out = True
+                self._backend.kill_task(future)
+
+    def _run(self) -> Iterator[Any]:
+        bar = _progress_bar(self._length) if self._progress else None
+        try:
+            yield from self._loop(bar)
+        except KeyboardInterrupt:
+            if self._on_abort is not None:
+                self._on_abort()
+            raise
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            if bar is not None:
+                bar.close()
+
+    def _loop(self, bar: Any) -> Iterator[Any]:
+        self._backend.start()
+        ready: dict[int, Outcome] = {}
+        retry: deque[Chunk] = deque()
+        next_index = 0
+        while True:
+            while len(self._pending) + len(ready) < self._window:
+                if retry:
+                    self._send(retry.popleft(), ready)
+                    continue
+                if self._exhausted:
+                    break
+                chunk = self._read_chunk()
+                if chunk is None:
+                    break
+                self._send(chunk, ready)
+
+            if self._ordered:
+                while next_index in ready:
+                    outcome = ready.pop(next_index)
+                    next_index += len(outcome.chunk.items)
+                    yield from self._emit(outcome, bar)
+            else:
+                while ready:
+                    _, outcome = ready.popitem()
+                    yield from self._emit(outcome, bar)
+
+            if not self._pending and not retry:
+                if not self._exhausted:
+                    continue  # the window drained: read more input
+                if self._input_error is not None:
+                    raise self._input_error
+                return
+            done, _ = wait(
+                list(self._pending), timeout=self._wait_seconds(), return_when=FIRST_COMPLETED
+            )
+            for future in done:
+                chunk = self._pending.pop(future)  # type: ignore[call-overload]
+                outcome = self._receive(future, chunk, retry)  # type: ignore[arg-type]
+                if outcome is not None:
+                    ready[chunk.start] = outcome
+            self._enforce_timeouts()
+
+
+def _span(chunk: Chunk) -> str:
+    last = chunk.start + len(chunk.items) - 1
+    return str(chunk.start) if last == chunk.start else f"{chunk.start}..{last}"
+
+
+def _crash_for(chunk: Chunk, error: WorkerCrashedError, retries: int) -> WorkerCrashedError:
+    tried = f" after {chunk.attempts + 1} attempts" if chunk.attempts else ""
+    advice = "" if retries else "; pass retries=N to re-run items lost to a crash"
+    crash = WorkerCrashedError(
+        f"{error}; lost input items {_span(chunk)}{tried}{advice}",
+        exitcode=error.exitcode,
+        items=chunk.indices(),
+    )
+    crash.__cause__ = error.__cause__
+    return crash
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="item", dynamic_ncols=True)
+
+
+def submit_call(
+    backend: Backend,
+    serializer: Serializer,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Future[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future."""
+    fn_digest, fn_bytes = encode_function(fn, serializer)
+    try:
+        items_bytes = serializer.dumps([(args, kwargs)])
+    except Exception as exc:
+        raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
+    task = encode_task(serializer, fn_digest, fn_bytes, items_bytes, star=True, stop_on_error=True)
+    user_future: Future[Any] = Future()
+    backend.start()
+    task_future = backend.submit(task)
+
+    def relay(done: Future[bytes]) -> None:
+        if user_future.cancelled():
+            return
+        try:
+            data = done.result()
+        except CancelledError:
+            user_future.cancel()
+            user_future.set_running_or_notify_cancel()
+            return
+        except BaseException as exc:
+            _settle(user_future, exc=exc)
+            return
+        _version, values_bytes, failures, _seconds = pickle.loads(data)
+        if failures:
+            position, exc_bytes, type_name, message, tb_text = failures[0]
+            exc = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
+            if position < 0:
+                exc = _worker_load_error(exc, serializer)
+            _settle(user_future, exc=exc)
+        else:
+            _settle(user_future, value=serializer.loads(values_bytes)[0])
+
+    def forward_cancel(done: Future[Any]) -> None:
+        if done.cancelled():
+            task_future.cancel()
+
+    user_future.add_done_callback(forward_cancel)
+    task_future.add_done_callback(relay)
+    return user_future
+
+
+def _settle(future: Future[Any], *, value: Any = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
+        pass
