@@ -159,9 +159,16 @@ class SieveKernel:
             total += self.segment(a, min(a + segment_size, hi)).count(1)
         return total
 
-    def primes(self, lo: int, hi: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> array[int]:
-        """The primes in [lo, hi) (``lo`` even), as an ``array``."""
-        out: array[int] = array(_typecode(max(hi - 1, 0)))
+    def primes(
+        self,
+        lo: int,
+        hi: int,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        typecode: str | None = None,
+    ) -> array[int]:
+        """The primes in [lo, hi) (``lo`` even), as an ``array`` of ``typecode``
+        (default: the smallest unsigned type that holds them)."""
+        out: array[int] = array(typecode or _typecode(max(hi - 1, 0)))
         if lo <= 2 < hi:
             out.append(2)
         for a in range(lo, hi, segment_size):
@@ -225,10 +232,13 @@ def segmented_count(n: int, *, segment_size: int | None = None) -> int:
 
 
 def _sieve_span(kernel: SieveKernel, mode: str, segment_size: int, span: tuple[int, int]) -> Any:
+    """Sieve one span; ``mode`` is "count" or the array typecode of the primes."""
     lo, hi = span
     if mode == "count":
         return kernel.count(lo, hi, segment_size)
-    return kernel.primes(lo, hi, segment_size)
+    # Raw bytes, not the array: unpickling an array costs the parent (which shares
+    # the CPUs with the workers) twice as much as unpickling bytes.
+    return kernel.primes(lo, hi, segment_size, typecode=mode).tobytes()
 
 
 def _spans(end: int, segment_size: int, parts: int) -> list[tuple[int, int]]:
@@ -283,8 +293,8 @@ def primes_up_to(
     """
     n = _check_n(n)
     out: array[int] = array(_typecode(max(n, 0)))
-    for part in _parallel(n, "primes", backend, workers, segment_size, progress):
-        out.extend(part)
+    for part in _parallel(n, out.typecode, backend, workers, segment_size, progress):
+        out.frombytes(part)
     return out
 
 
