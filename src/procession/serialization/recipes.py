@@ -4,6 +4,18 @@ A :class:`Recipe` travels as "call this factory with these arguments"; on the
 other side it is built once per process, cached, and every later task (and
 every later ``map`` on that pool) gets the same built object.  Two equal
 recipes (same factory, same arguments) share one built object.
+
+Three scopes say how widely a built object is shared on the far side:
+
+``"process"`` (the default)
+    built once per process; every thread of that process shares it.
+``"thread"``
+    built once per thread (for objects that must stay on the thread that made
+    them, such as a ``sqlite3.Connection``): on the ``threads`` backend each
+    pool thread gets its own; on a process backend this is once per worker.
+``"fresh"``
+    built anew every time it is unpickled, never cached (a generator, a file
+    position: state that one task must not leak into the next).
 """
 
 from __future__ import annotations
@@ -11,26 +23,29 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-__all__ = ["Recipe", "build_count", "built_recipes_clear"]
+__all__ = ["Recipe", "Scope", "build_count", "build_thread_cached", "built_recipes_clear"]
 
 T = TypeVar("T")
+Scope = Literal["process", "thread", "fresh"]
+_SCOPES: tuple[str, ...] = ("process", "thread", "fresh")
 
 
 class Recipe(Generic[T]):
     """How to build an object, instead of the object itself.
 
     Wherever a Recipe appears inside a task (an argument, a
-    ``functools.partial``, an attribute), the function receives the built object.
+    ``functools.partial``, an attribute), the function receives the built object,
+    built once per worker process and reused by every later task and ``map``.
 
     Example::
 
-        db = procession.Recipe(sqlite3.connect, "data.db")
-        procession.map(lambda key, conn=db: conn.execute(...), keys)
+        db = procession.Recipe(sqlite3.connect, "data.db").per_thread()
+        procession.map(functools.partial(lookup, conn=db), keys)
     """
 
-    __slots__ = ("_key", "args", "factory", "kwargs")
+    __slots__ = ("_key", "args", "factory", "kwargs", "scope")
 
     def __init__(self, factory: Callable[..., T], /, *args: Any, **kwargs: Any) -> None:
         if not callable(factory):
@@ -41,27 +56,51 @@ class Recipe(Generic[T]):
         self.factory = factory
         self.args = args
         self.kwargs = kwargs
+        self.scope: Scope = "process"
         self._key: bytes | None = None
 
     def build(self) -> T:
         """Build the object here and now (uncached)."""
         return self.factory(*self.args, **self.kwargs)
 
+    def with_scope(self, scope: Scope) -> Recipe[T]:
+        """A copy of this recipe with another scope (``"process"``, ``"thread"``, ``"fresh"``).
+
+        Example::
+
+            fresh = procession.Recipe(open, "words.txt").with_scope("fresh")
+        """
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(map(repr, _SCOPES))}, got {scope!r}")
+        copy: Recipe[T] = Recipe(self.factory, *self.args, **self.kwargs)
+        copy.scope = scope
+        return copy
+
+    def per_thread(self) -> Recipe[T]:
+        """A copy built once per worker thread instead of once per process."""
+        return self.with_scope("thread")
+
+    def fresh(self) -> Recipe[T]:
+        """A copy built anew each time it arrives (never cached)."""
+        return self.with_scope("fresh")
+
     @property
     def key(self) -> bytes:
         """The recipe's identity: a digest of its factory and arguments."""
         if self._key is None:
-            import cloudpickle
+            # The adapting serializer, so a Recipe may take adapted objects
+            # (another Recipe, a connection) as arguments.
+            from procession.serialization.serializers import get_serializer
 
             # Ordering kwargs makes Recipe(f, a=1, b=2) equal Recipe(f, b=2, a=1).
-            payload = cloudpickle.dumps(
-                (self.factory, self.args, sorted(self.kwargs.items())), protocol=5
+            payload = get_serializer("cloudpickle").dumps(
+                (self.factory, self.args, sorted(self.kwargs.items()))
             )
             self._key = hashlib.blake2b(payload, digest_size=16).digest()
         return self._key
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Recipe) and self.key == other.key
+        return isinstance(other, Recipe) and self.scope == other.scope and self.key == other.key
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -69,12 +108,19 @@ class Recipe(Generic[T]):
     def __repr__(self) -> str:
         name = getattr(self.factory, "__qualname__", repr(self.factory))
         parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        return f"Recipe({name}, {', '.join(parts)})" if parts else f"Recipe({name})"
+        scope = "" if self.scope == "process" else f".with_scope({self.scope!r})"
+        return f"Recipe({', '.join([name, *parts])}){scope}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         from procession.serialization import _rebuild
 
-        return (_rebuild.build_recipe, (self.key, self.factory, self.args, self.kwargs))
+        if self.scope == "fresh":
+            return (_rebuild.call, (self.factory, self.args, self.kwargs))
+        if self.scope == "thread":
+            build = _rebuild.build_recipe_per_thread
+        else:
+            build = _rebuild.build_recipe
+        return (build, (self.key, self.factory, self.args, self.kwargs))
 
 
 # The per-process cache of built recipes.  A lock per key makes sure that two
@@ -84,6 +130,14 @@ _cache: dict[bytes, Any] = {}
 _cache_lock = threading.Lock()
 _key_locks: dict[bytes, threading.Lock] = {}
 _build_counts: dict[bytes, int] = {}
+# Per-thread recipes live in thread-local storage, so a pool thread's objects
+# are released with the thread.
+_thread_cache = threading.local()
+
+
+def _count_build(key: bytes) -> None:
+    with _cache_lock:
+        _build_counts[key] = _build_counts.get(key, 0) + 1
 
 
 def build_cached(key: bytes, factory: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -99,17 +153,43 @@ def build_cached(key: bytes, factory: Callable[..., Any], args: Any, kwargs: Any
             return _cache[key]
         built = factory(*args, **kwargs)
         _cache[key] = built
-        _build_counts[key] = _build_counts.get(key, 0) + 1
+        _count_build(key)
         return built
 
 
+def build_thread_cached(key: bytes, factory: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Return the object built from this recipe in this thread, building it once."""
+    cache: dict[bytes, Any] | None = getattr(_thread_cache, "objects", None)
+    if cache is None:
+        cache = _thread_cache.objects = {}
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    built = factory(*args, **kwargs)
+    cache[key] = built
+    _count_build(key)
+    return built
+
+
 def build_count(recipe: Recipe[Any]) -> int:
-    """How many times ``recipe`` was built in this process (0 or 1 unless cleared)."""
-    return _build_counts.get(recipe.key, 0)
+    """How many times ``recipe`` was built in this process (all threads together).
+
+    Example::
+
+        assert procession.serialization.build_count(recipe) <= 1
+    """
+    with _cache_lock:
+        return _build_counts.get(recipe.key, 0)
 
 
 def built_recipes_clear() -> None:
-    """Forget every built recipe in this process (they are rebuilt on next use)."""
+    """Forget every built recipe in this process (they are rebuilt on next use).
+
+    Only this thread's per-thread recipes are forgotten; other threads keep theirs.
+    """
     with _cache_lock:
         _cache.clear()
         _key_locks.clear()
+        _build_counts.clear()
+    _thread_cache.objects = {}
