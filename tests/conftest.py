@@ -30,7 +30,9 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Backends that the shared suite exercises; each proves the same behaviour.
-USABLE_BACKENDS = sorted(name for name, info in procession.available_backends().items() if info.usable)
+USABLE_BACKENDS = sorted(
+    name for name, info in procession.available_backends().items() if info.usable
+)
 PROCESS_BACKENDS = sorted(
     name
     for name, info in procession.available_backends().items()
@@ -76,7 +78,9 @@ def _is_singleton_helper(proc: psutil.Process) -> bool:
         cmdline = " ".join(proc.cmdline())
     except psutil.Error:
         return True
-    return "forkserver" in cmdline or "resource_tracker" in cmdline or "semaphore_tracker" in cmdline
+    return (
+        "forkserver" in cmdline or "resource_tracker" in cmdline or "semaphore_tracker" in cmdline
+    )
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -94,7 +98,9 @@ def no_leftover_processes() -> Iterator[None]:
         extra = {
             pid: proc
             for pid, proc in _descendants().items()
-            if pid not in allowed and not _is_singleton_helper(proc) and proc.is_running()
+            if pid not in allowed
+            and not _is_singleton_helper(proc)
+            and proc.is_running()
             and proc.status() != psutil.STATUS_ZOMBIE
         }
         if not extra or time.monotonic() > deadline:

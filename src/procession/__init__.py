@@ -42,7 +42,32 @@ _EXPORTS: dict[str, str] = {
     "RemoteError": "procession.errors",
 }
 
-__all__ = [*_EXPORTS, "serializers", "__version__"]
+__all__ = [
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "Capabilities",
+    "Executor",
+    "Pipeline",
+    "PipelineError",
+    "ProcessionError",
+    "Recipe",
+    "RemoteError",
+    "SerializationError",
+    "Serializer",
+    "TaskFuture",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "__version__",
+    "available_backends",
+    "check_picklable",
+    "create_backend",
+    "map",
+    "register_adapter",
+    "register_backend",
+    "register_serializer",
+    "serializers",
+]
 
 if TYPE_CHECKING:
     from procession.api import Executor, map

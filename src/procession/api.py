@@ -238,7 +238,7 @@ class Executor(futures.Executor):
         with self._lock:
             self._pending.discard(future)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
@@ -319,5 +319,5 @@ class Executor(futures.Executor):
                 except Exception:
                     pass  # finished concurrently
 
-    def __exit__(self, *exc_info: object) -> None:  # type: ignore[override]
+    def __exit__(self, *exc_info: object) -> None:
         self.shutdown(wait=True)

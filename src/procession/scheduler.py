@@ -22,7 +22,7 @@ import math
 import pickle
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -264,7 +264,7 @@ class MapRun:
         self._exhausted = False
         self._input_error: BaseException | None = None
         self._pending: dict[TaskFuture, Chunk] = {}
-        self._iterator = self._run()
+        self._iterator: Generator[Any, None, None] = self._run()
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterator
@@ -364,22 +364,24 @@ class MapRun:
         if values_bytes is None:
             # The worker could not even decode the task.
             _, exc_bytes, type_name, message, tb_text = failures[0]
-            exc = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
-            return self._all_failed(chunk, _worker_load_error(exc, self._serializer))
+            load_error = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
+            return self._all_failed(chunk, _worker_load_error(load_error, self._serializer))
         values = self._serializer.loads(values_bytes)
         self._chunker.record(len(values), seconds)
         errors = {
             position: decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
             for position, exc_bytes, type_name, message, tb_text in failures
         }
-        for position, exc in errors.items():
-            if isinstance(exc, SerializationError) and exc.index is None:
-                exc.index = chunk.start + position
+        for position, failure in errors.items():
+            if isinstance(failure, SerializationError) and failure.index is None:
+                failure.index = chunk.start + position
         return Outcome(chunk, values, errors)
 
     @staticmethod
     def _all_failed(chunk: Chunk, error: BaseException) -> Outcome:
-        return Outcome(chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error))
+        return Outcome(
+            chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error)
+        )
 
     def _emit(self, outcome: Outcome, bar: Any) -> Iterator[Any]:
         values, errors = outcome.values, outcome.errors
@@ -426,7 +428,7 @@ class MapRun:
                 chunk.timed_out = True
                 self._backend.kill_task(future)
 
-    def _run(self) -> Iterator[Any]:
+    def _run(self) -> Generator[Any, None, None]:
         bar = _progress_bar(self._length) if self._progress else None
         try:
             yield from self._loop(bar)
@@ -478,10 +480,11 @@ class MapRun:
                 list(self._pending), timeout=self._wait_seconds(), return_when=FIRST_COMPLETED
             )
             for future in done:
-                chunk = self._pending.pop(future)  # type: ignore[call-overload]
-                outcome = self._receive(future, chunk, retry)  # type: ignore[arg-type]
-                if outcome is not None:
-                    ready[chunk.start] = outcome
+                task_future: TaskFuture = future  # type: ignore[assignment]
+                chunk = self._pending.pop(task_future)
+                received = self._receive(task_future, chunk, retry)
+                if received is not None:
+                    ready[chunk.start] = received
             self._enforce_timeouts()
 
 
@@ -535,16 +538,16 @@ def submit_call(
             user_future.cancel()
             user_future.set_running_or_notify_cancel()
             return
-        except BaseException as exc:
-            _settle(user_future, exc=exc)
+        except BaseException as transport_error:
+            _settle(user_future, exc=transport_error)
             return
         _version, values_bytes, failures, _seconds = pickle.loads(data)
         if failures:
             position, exc_bytes, type_name, message, tb_text = failures[0]
-            exc = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
+            failure = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
             if position < 0:
-                exc = _worker_load_error(exc, serializer)
-            _settle(user_future, exc=exc)
+                failure = _worker_load_error(failure, serializer)
+            _settle(user_future, exc=failure)
         else:
             _settle(user_future, value=serializer.loads(values_bytes)[0])
 

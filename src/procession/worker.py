@@ -60,7 +60,9 @@ def _load_function(serializer: Serializer, fn_digest: bytes, fn_bytes: bytes) ->
     return fn
 
 
-def encode_exception(exc: BaseException, serializer: Serializer) -> tuple[bytes | None, str, str, str]:
+def encode_exception(
+    exc: BaseException, serializer: Serializer
+) -> tuple[bytes | None, str, str, str]:
     """Pack an exception so it can travel back even if it does not pickle."""
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -82,8 +84,8 @@ def run_task(task: bytes) -> bytes:
     encoded in the result so the worker survives and the caller gets them.
     """
     started = time.perf_counter()
-    version, serializer_name, fn_digest, fn_bytes, items_bytes, star, stop_on_error = (
-        pickle.loads(task)
+    version, serializer_name, fn_digest, fn_bytes, items_bytes, star, stop_on_error = pickle.loads(
+        task
     )
     if version != VERSION:
         raise RuntimeError(f"task envelope version {version}, worker speaks {VERSION}")
@@ -163,7 +165,7 @@ def initialize_worker(setup: bytes | None) -> None:
     """Run the user's initializer in a fresh worker (exceptions propagate)."""
     if setup is None:
         return
-    version, serializer_name, payload = pickle.loads(setup)
+    _version, serializer_name, payload = pickle.loads(setup)
     initializer, initargs = get_serializer(serializer_name).loads(payload)
     initializer(*initargs)
 
