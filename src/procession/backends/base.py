@@ -116,7 +116,7 @@ class Backend(ABC):
         self.workers: int = workers if workers is not None else default_worker_count()
         self.worker_setup = worker_setup
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook, empty by default)
     def check_available(cls) -> None:
         """Raise BackendUnavailableError (naming the ``pip install``) if a dependency
         is missing.  Must be cheap and must not start anything."""
