@@ -73,7 +73,7 @@ def test_serializer_registry() -> None:
         get_serializer("nope")
     with pytest.raises(TypeError):
         get_serializer(3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="built-in|already registered"):
+    with pytest.raises(ValueError, match=r"built-in|already registered"):
         register_serializer(_named("pickle"))
 
 
@@ -235,9 +235,11 @@ def test_check_picklable_catches_objects_that_do_not_load_back() -> None:
 
 
 def test_submit_error_names_the_argument_path() -> None:
-    with procession.Executor(backend="serial") as executor:
-        with pytest.raises(procession.SerializationError) as info:
-            executor.submit(identity, Outer())
+    with (
+        procession.Executor(backend="serial") as executor,
+        pytest.raises(procession.SerializationError) as info,
+    ):
+        executor.submit(identity, Outer())
     assert info.value.path == "args[0].inner.lock"
 
 
