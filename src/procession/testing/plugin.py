@@ -1,0 +1,28 @@
+"""The pytest plugin that procession installs (entry point ``pytest11``).
+
+pytest loads it in every project where procession is installed, so it must be
+harmless there: it adds no tests and no fixtures and imports nothing heavy.
+It only registers ``--procession-backend NAME``, which makes every
+:class:`procession.testing.BackendConformance` subclass in the run test that
+backend instead of the one it names, e.g.::
+
+    pytest tests/test_my_backend.py --procession-backend=threads
+"""
+
+from __future__ import annotations
+
+import pytest
+
+__all__ = ["pytest_addoption"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("procession", "procession backend conformance suite")
+    group.addoption(
+        "--procession-backend",
+        dest="procession_backend",
+        default=None,
+        metavar="NAME",
+        help="run procession.testing.BackendConformance subclasses against this "
+        "registered backend instead of the one each names",
+    )
