@@ -201,7 +201,15 @@ def _sqlite_uri(path: str, readonly: bool) -> str:
 
 
 def _sqlite_attributes(conn: sqlite3.Connection) -> tuple[dict[str, Any], dict[str, Any]]:
+    import sqlite3
+
     options: dict[str, Any] = {"isolation_level": conn.isolation_level}
+    if sqlite3.threadsafety == 3:
+        # Serialized mode: SQLite locks each connection itself, so a connection
+        # may be shared between threads.  That happens on the threads backend
+        # when it is part of the mapped function, which a worker decodes once
+        # per process; inside items each thread still builds its own.
+        options["check_same_thread"] = False
     attributes: dict[str, Any] = {}
     if conn.row_factory is not None:
         attributes["row_factory"] = conn.row_factory
