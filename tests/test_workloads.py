@@ -233,5 +233,6 @@ def test_search_palindromes_rejects_bad_arguments(kwargs: dict[str, object], err
 
 
 def test_collect_primes_is_reexported() -> None:
-    assert callable(sieve.collect_primes)
+    ranges = [(0, 100), (100, 250), (250, 251), (251, 400)]
+    assert sieve.collect_primes(ranges, backend="threads", workers=2) == prime_sieve(400)
     assert palindromes.search_palindromes is search_palindromes

@@ -24,7 +24,7 @@ import functools
 import importlib
 import operator
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from itertools import accumulate, pairwise, repeat
 from math import isqrt
 from typing import TYPE_CHECKING, Any
@@ -318,7 +318,7 @@ def count_primes(
 
 
 def collect_primes(
-    ranges: Sequence[tuple[int, int]],
+    ranges: Iterable[tuple[int, int]],
     *,
     backend: str | Backend | None = None,
     workers: int | None = None,
