@@ -172,3 +172,21 @@ class Holder:
 def holder_label(holder: Holder) -> str:
     assert isinstance(holder.thing, Expensive)
     return holder.thing.label
+
+
+@pytest.mark.timeout(90)
+def test_expensive_objects_example_builds_once_per_worker() -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "expensive_objects.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--small", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 builds for 8 tasks" in done.stdout
+    assert "2 builds for 16 tasks" in done.stdout
