@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -189,4 +190,5 @@ def test_expensive_objects_example_builds_once_per_worker() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8 builds for 8 tasks" in done.stdout
-    assert "2 builds for 16 tasks" in done.stdout
+    # One build per worker that took a task (the example itself checks "once each").
+    assert re.search(r"\b[12] builds for 16 tasks", done.stdout), done.stdout
