@@ -1,13 +1,15 @@
 """Serialization and adapters: what crosses the process boundary, and how.
 
-See :mod:`procession.serialization.serializers` for scope and non-goals.
+See :mod:`procession.serialization.serializers` for scope and non-goals,
+``docs/serialization.md`` and ``docs/adapters.md`` for the guide.
 """
 
 from __future__ import annotations
 
 from procession.serialization.adapters import register_adapter, registered_adapters
-from procession.serialization.diagnostics import check_picklable, diagnose
-from procession.serialization.recipes import Recipe
+from procession.serialization.diagnostics import check_picklable, check_report, diagnose
+from procession.serialization.policy import Policy, current_policy, policy, snapshot
+from procession.serialization.recipes import Recipe, build_count, built_recipes_clear
 from procession.serialization.serializers import (
     Serializer,
     get_serializer,
@@ -16,13 +18,20 @@ from procession.serialization.serializers import (
 )
 
 __all__ = [
+    "Policy",
     "Recipe",
     "Serializer",
+    "build_count",
+    "built_recipes_clear",
     "check_picklable",
+    "check_report",
+    "current_policy",
     "diagnose",
     "get_serializer",
+    "policy",
     "register_adapter",
     "register_serializer",
     "registered_adapters",
     "serializer_names",
+    "snapshot",
 ]
