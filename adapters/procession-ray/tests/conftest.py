@@ -1,0 +1,42 @@
+"""One local Ray instance for the whole test session, and a check that none survives it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import procession
+from procession import api
+
+
+def _ray_processes() -> set[int]:
+    """Descendants of this process that Ray started (its daemons and workers)."""
+    from procession_ray import _descendants
+
+    found = set()
+    for pid in _descendants({os.getpid()}) - {os.getpid()}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                text = cmdline.read()
+        except OSError:
+            continue
+        if b"ray" in text:
+            found.add(pid)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session() -> Iterator[None]:
+    """Start the shared "ray" backend once; at the end stop it and check nothing is left."""
+    before = _ray_processes()
+    list(procession.map(abs, [-1], backend="ray"))  # starts the local instance
+    yield
+    backend = api._shared.get(("ray", None))
+    if backend is not None:
+        backend.shutdown(wait=False, kill=True)
+        with api._shared_lock:
+            api._shared.pop(("ray", None), None)
+    left = _ray_processes() - before
+    assert not left, f"Ray processes left running after shutdown: {sorted(left)}"

@@ -1,0 +1,74 @@
+"""The Ray backend against a real local Ray: the conformance suite, and Ray specifics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import procession
+from procession.testing import BackendConformance
+from procession.testing._tasks import pid_of
+
+
+class TestRayConformance(BackendConformance):
+    backend = "ray"
+
+
+def test_discovered_through_its_entry_point() -> None:
+    info = procession.available_backends()["ray"]
+    assert info.usable, info.error
+    assert info.origin == "distribution procession-ray"
+    assert info.capabilities == procession.Capabilities(
+        isolated=True, kill=True, crash_detection=True, remote=True
+    )
+
+
+def test_an_instance_shares_the_session_and_stops_its_actors() -> None:
+    backend = procession.create_backend("ray", workers=1)
+    with backend:
+        pids = set(procession.map(pid_of, range(4), backend=backend))
+        assert len(pids) == 1
+        assert pids <= backend.worker_pids()
+    assert backend.worker_pids() == set()
+    # The shared session is still up for everyone else.
+    assert list(procession.map(abs, [-3], backend="ray")) == [3]
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import procession
+    from procession.testing._tasks import pid_of, square
+
+    backend = procession.create_backend("ray", workers=2, address=sys.argv[1])
+    with backend:
+        print(list(procession.map(square, range(6), backend=backend)))
+        print(len(set(procession.map(pid_of, range(8), backend=backend, chunksize=1))))
+    """
+)
+
+
+@pytest.mark.timeout(90)
+def test_address_connects_to_a_running_cluster() -> None:
+    """A second driver process joins this session's Ray instance through address=."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    # Not under `uv run` semantics: the workers share this machine's environment.
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, address],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == str([x * x for x in range(6)])
+    assert 1 <= int(lines[-1]) <= 2
