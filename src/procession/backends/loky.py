@@ -1,0 +1,571 @@
+"""The ``loky`` backend: loky's robust process pool (cloudpickle by default).
+
+loky is imported lazily; without it, :meth:`LokyBackend.check_available`
+raises :class:`BackendUnavailableError` naming ``pip install 'procession[loky]'``.
+This backend runs a private ``loky.ProcessPoolExecutor`` (never the reusable
+executor joblib shares) and adds the guarantees loky lacks:
+
+    caller threads        dispatcher thread                  loky executor (generation N)
+    ──────────────        ─────────────────                  ────────────────────────────
+    submit(task) ─► queue ─► at most ``workers`` in flight ─► _run_task(task_id, log, task)
+                             (so a task handed over starts         │ appends "task_id pid"
+                             at once: ``timeout=`` is fair)        ▼ to the start log
+    TaskFuture ◄─ done-callback ◄──────────────────────────── result bytes
+                  TerminatedWorkerError: the executor is broken ─► classify, requeue, new executor
+
+loky has no way to stop one task or to lose one worker: when a worker dies it
+marks the whole executor broken, fails every pending future with
+``TerminatedWorkerError`` and kills the other workers.  So:
+
+- **Crash attribution.**  Each task appends ``task_id pid`` to a small start
+  log as it begins.  When the executor breaks, the done-callbacks run before
+  loky kills the survivors, so the tasks whose worker pid is already dead are
+  the ones that crashed: they fail with :class:`WorkerCrashedError` naming the
+  exit code or signal loky reported.  If no dead worker can be matched, every
+  task that had started is failed as crashed (so a poisonous item can never
+  loop forever).
+- **Bystanders are re-run.**  Every other task that was in flight on the broken
+  executor (at most ``workers - 1`` of them) is put back at the head of the queue
+  and runs again, from the start, on a fresh executor: none is lost, none is
+  reported twice, but one that was already running executes a second time,
+  so its side effects may happen twice.  Use the ``process`` or
+  ``multiprocessing`` backends when that matters; they lose only the dead
+  worker's task.
+- **kill_task** (``timeout=``) kills the whole executor the same way (loky offers
+  nothing finer), fails the timed-out task, and re-runs the bystanders.
+- ``shutdown(kill=True)`` kills the workers at once, even while a task hangs.
+- Workers ignore SIGINT and die with the parent (``PR_SET_PDEATHSIG`` on Linux
+  plus a thread watching the parent pid); an initializer that raises is
+  reported with its traceback on the first task, without respawning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from procession import worker as runtime
+from procession.backends.base import Backend, Capabilities, TaskFuture
+from procession.backends.multiprocessing import describe_exit, die_with_parent, watch_parent
+from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
+
+__all__ = ["LokyBackend"]
+
+INSTALL_HINT = "pip install 'procession[loky]'"
+RESULT, INIT_FAILED = b"R", b"I"
+KILL_GRACE_SECONDS = 5.0
+
+# -- the worker side ----------------------------------------------------------------
+
+_init_failure: bytes | None = None
+_log_fds: dict[str, int] = {}
+
+
+def _init_worker(setup: bytes | None) -> None:
+    """loky's initializer: never raises (loky would respawn the worker forever)."""
+    global _init_failure
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    watch_parent()
+    try:
+        runtime.initialize_worker(setup)
+    except BaseException as exc:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        _init_failure = INIT_FAILED + pickle.dumps((name, str(exc), text), 5)
+
+
+def _run_task(task_id: int, start_log: str, task: bytes) -> bytes:
+    """Record which process runs ``task_id``, then run it."""
+    fd = _log_fds.get(start_log)
+    if fd is None:
+        fd = _log_fds[start_log] = os.open(start_log, os.O_WRONLY | os.O_APPEND)
+    # One small O_APPEND write is atomic: lines from several workers never mix.
+    os.write(fd, f"{task_id} {os.getpid()}\n".encode())
+    if _init_failure is not None:
+        return _init_failure
+    return RESULT + runtime.run_task(task)
+
+
+# -- the parent side ----------------------------------------------------------------
+
+
+def _pid_is_dead(pid: int) -> bool:
+    if sys.platform == "linux":
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in (b"Z", b"X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _exitcode_from(error: BaseException) -> int | None:
+    """The single exit code in loky's "The exit codes of the workers are {SIGKILL(-9)}"."""
+    _, _, tail = str(error).partition("exit codes of the workers are")
+    codes = {int(code) for code in re.findall(r"\((-?\d+)\)", tail.split("}")[0])}
+    return codes.pop() if len(codes) == 1 else None
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One loky executor; replaced whenever loky breaks it or we kill it."""
+
+    executor: Any
+    number: int
+    retired: bool = False
+    records: set[_Record] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Record:
+    future: TaskFuture
+    task: bytes = field(repr=False)
+    task_id: int = 0
+    generation: _Generation | None = None
+    handled: bool = False
+
+
+_live_pools: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _stop_all_pools() -> None:
+    for pool in list(_live_pools):
+        pool.shutdown(wait=False, kill=True)
+
+
+def _register_exit_hook() -> None:
+    """Kill our pools before loky's own exit hook waits for their (maybe hung) tasks.
+
+    loky joins its executors from a ``threading`` exit hook, which runs before
+    ``atexit`` handlers; hooks run last-registered first, so register after loky.
+    """
+    global _exit_hook_registered
+    if _exit_hook_registered:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    with contextlib.suppress(RuntimeError):
+        if register is not None:
+            register(_stop_all_pools)
+        else:  # pragma: no cover - every supported CPython has it
+            import atexit
+
+            atexit.register(_stop_all_pools)
+        _exit_hook_registered = True
+
+
+class LokyBackend(Backend):
+    """A loky process pool with crash attribution, kill and healing (cloudpickle).
+
+    Options: ``workers``, ``worker_setup`` (initializer bytes), ``start_method``
+    (loky context name: ``"loky"`` (default), ``"loky_init_main"``, ``"spawn"``
+    or ``"forkserver"``).
+
+    Example::
+
+        backend = procession.create_backend("loky", workers=4)
+        results = list(procession.map(lambda x: x + 1, range(10), backend=backend))
+        backend.shutdown()
+    """
+
+    name: ClassVar[str] = "loky"
+    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True)
+    default_serializer: ClassVar[str] = "cloudpickle"
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        worker_setup: bytes | None = None,
+        start_method: str | None = None,
+    ) -> None:
+        super().__init__(workers=workers, worker_setup=worker_setup)
+        methods = ("loky", "loky_init_main", "spawn", "forkserver")
+        method = "loky" if start_method is None else start_method
+        if method not in methods:
+            raise ValueError(
+                f"start_method={method!r} is not a loky context; choose one of {', '.join(methods)}"
+            )
+        self.start_method = method
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue: deque[_Record] = deque()
+        self._generation: _Generation | None = None
+        self._generations = 0
+        self._task_ids = 0
+        self._in_flight = 0
+        self._retired: list[Any] = []  # broken or killed executors to join
+        self._dispatcher: threading.Thread | None = None
+        self._start_log = ""
+        self._closing = False
+        self._stopped = False
+        self._killed = False
+        self._broken: BaseException | None = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        try:
+            import loky  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"the 'loky' backend needs the loky package ({exc}); install it with: "
+                f"{INSTALL_HINT}"
+            ) from exc
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._dispatcher is not None and not self._stopped
+
+    def start(self) -> None:
+        with self._lock:
+            if self._dispatcher is not None:
+                if self._closing or self._stopped:
+                    raise RuntimeError(f"{self!r} was shut down; create a new backend")
+                return
+            self.check_available()
+            fd, self._start_log = tempfile.mkstemp(prefix="procession-loky-", suffix=".log")
+            os.close(fd)
+            # Every loky executor is created, and so every worker forked, by this
+            # thread: PR_SET_PDEATHSIG fires when the forking *thread* ends.
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_loop, name="procession-loky", daemon=True
+            )
+            self._dispatcher.start()
+            _live_pools.add(self)
+
+    def _new_executor(self) -> _Generation:
+        import loky
+        from loky.backend import get_context
+
+        executor = loky.ProcessPoolExecutor(
+            max_workers=self.workers,
+            context=get_context(self.start_method),
+            initializer=_init_worker,
+            initargs=(self.worker_setup,),
+        )
+        self._generations += 1
+        _register_exit_hook()
+        return _Generation(executor, self._generations)
+
+    # -- moving tasks -------------------------------------------------------------
+
+    def submit(self, task: bytes) -> TaskFuture:
+        self.start()
+        future = TaskFuture()
+        with self._lock:
+            if self._closing or self._stopped:
+                raise RuntimeError(f"{self!r} was shut down; create a new backend")
+            broken = self._broken
+            if broken is None:
+                self._queue.append(_Record(future, task))
+                self._wakeup.notify()
+        if broken is not None:
+            _settle(future, broken)
+        return future
+
+    def worker_pids(self) -> set[int]:
+        with self._lock:
+            generation = self._generation
+            if generation is None:
+                return set()
+            # loky keeps no public list of its workers.
+            processes = getattr(generation.executor, "_processes", None) or {}
+            return {int(pid) for pid in list(processes)}
+
+    def kill_task(self, future: TaskFuture) -> None:
+        with self._lock:
+            record = next(
+                (r for r in self._all_in_flight() if r.future is future and not r.handled), None
+            )
+            if record is None or record.generation is None:
+                return
+            generation = record.generation
+            self._requeue_generation(generation, keep=record)
+        generation.executor.shutdown(wait=False, kill_workers=True)
+        _settle(
+            future,
+            WorkerCrashedError(
+                "the loky worker running this task was killed on request (kill_task); loky "
+                "cannot stop one worker, so its executor was replaced and the other running "
+                "tasks were re-queued",
+                exitcode=-signal.SIGKILL,
+            ),
+        )
+
+    def _all_in_flight(self) -> list[_Record]:
+        generation = self._generation
+        return list(generation.records) if generation is not None else []
+
+    def _requeue_generation(self, generation: _Generation, keep: _Record | None = None) -> None:
+        """Retire ``generation``: put its unfinished tasks back at the head of the queue
+        (lock held).  ``keep`` is settled by the caller instead."""
+        generation.retired = True
+        for record in sorted(generation.records, key=lambda r: r.task_id, reverse=True):
+            if record.handled:
+                continue
+            record.handled = True
+            self._in_flight -= 1
+            if record is not keep:
+                self._queue.appendleft(_Record(record.future, record.task))
+        generation.records.clear()
+        if self._generation is generation:
+            self._generation = None
+        self._retired.append(generation.executor)
+        self._wakeup.notify()
+
+    # -- the dispatcher thread ----------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._has_work():
+                        if self._closing and self._in_flight == 0 and not self._queue:
+                            break
+                        self._wakeup.wait()
+                    if self._stopped or (
+                        self._closing and self._in_flight == 0 and not self._queue
+                    ):
+                        break
+                    retired, self._retired = self._retired, []
+                self._join_executors(retired, kill=True)
+                self._feed()
+        except BaseException:
+            self._fail_all(
+                WorkerCrashedError(
+                    "the loky backend's dispatcher failed:\n" + traceback.format_exc()
+                )
+            )
+        finally:
+            self._teardown()
+
+    def _has_work(self) -> bool:
+        return bool(self._retired) or bool(
+            self._queue and self._in_flight < self.workers and self._broken is None
+        )
+
+    def _feed(self) -> None:
+        """Hand queued tasks to loky while fewer than ``workers`` are in flight."""
+        while True:
+            with self._lock:
+                if self._stopped or self._broken is not None:
+                    return
+                if not self._queue or self._in_flight >= self.workers:
+                    if self._in_flight == 0 and not self._queue:
+                        # Nothing can be writing the start log: keep it small.
+                        with contextlib.suppress(OSError):
+                            os.truncate(self._start_log, 0)
+                    return
+                record = self._queue.popleft()
+                if not (record.future.running() or record.future.set_running_or_notify_cancel()):
+                    continue  # cancelled while queued
+                if self._generation is None:
+                    try:
+                        self._generation = self._new_executor()
+                    except Exception as exc:
+                        self._queue.appendleft(record)
+                        self._broken = exc
+                        error: BaseException = exc
+                        break
+                generation = self._generation
+                self._task_ids += 1
+                record.task_id = self._task_ids
+                record.generation = generation
+                generation.records.add(record)
+                self._in_flight += 1
+            try:
+                loky_future = generation.executor.submit(
+                    _run_task, record.task_id, self._start_log, record.task
+                )
+            except Exception:
+                # Broken or shut down between our check and the submit: retire it.
+                with self._lock:
+                    if not generation.retired:
+                        self._requeue_generation(generation)
+                continue
+            record.future.mark_started(None)
+            loky_future.add_done_callback(lambda done, r=record: self._on_done(r, done))
+        self._fail_all(error)  # loky could not start an executor
+
+    def _on_done(self, record: _Record, done: Future[bytes]) -> None:
+        """A loky future finished (runs in loky's manager thread)."""
+        from loky.process_executor import BrokenProcessPool
+
+        crashed: list[tuple[_Record, WorkerCrashedError]] = []
+        outcome: tuple[bytes | None, BaseException | None] | None = None
+        with self._lock:
+            generation = record.generation
+            if record.handled or generation is None:
+                return
+            error = None if done.cancelled() else done.exception()
+            if isinstance(error, BrokenProcessPool) and not generation.retired:
+                crashed = self._classify_break(generation, error)
+            elif not generation.retired:
+                record.handled = True
+                generation.records.discard(record)
+                self._in_flight -= 1
+                self._wakeup.notify()
+                outcome = (None, error) if error is not None else (done.result(), None)
+        for victim, crash in crashed:
+            _settle(victim.future, crash)
+        if outcome is None:
+            return
+        payload, error = outcome
+        if error is not None:
+            _settle(record.future, error)
+        elif payload is not None and payload[:1] == INIT_FAILED:
+            self._break_on_init(payload[1:])
+        elif payload is not None:
+            _settle(record.future, result=payload[1:])
+
+    def _classify_break(
+        self, generation: _Generation, error: BaseException
+    ) -> list[tuple[_Record, WorkerCrashedError]]:
+        """loky broke ``generation``: find the tasks whose worker died (lock held).
+
+        Runs before loky kills the surviving workers, so the pids that are gone
+        now are the ones that crashed.
+        """
+        pids = self._read_start_log()
+        unfinished = [r for r in generation.records if not r.handled]
+        started = [r for r in unfinished if r.task_id in pids]
+        dead = [r for r in started if _pid_is_dead(pids[r.task_id])]
+        culprits = dead or started
+        exitcode = _exitcode_from(error)
+        crashed = []
+        for record in culprits:
+            record.handled = True
+            generation.records.discard(record)
+            self._in_flight -= 1
+            pid = pids.get(record.task_id)
+            what = (
+                describe_exit(pid, exitcode)
+                if exitcode is not None
+                else f"worker pid {pid} died (loky reported: {str(error).splitlines()[0]})"
+            )
+            crash = WorkerCrashedError(f"{what} while running a task", exitcode=exitcode)
+            crash.__cause__ = error
+            crashed.append((record, crash))
+        self._requeue_generation(generation)
+        return crashed
+
+    def _read_start_log(self) -> dict[int, int]:
+        pids: dict[int, int] = {}
+        with contextlib.suppress(OSError), open(self._start_log, "rb") as log:
+            for line in log:
+                parts = line.split()
+                if len(parts) == 2:
+                    pids[int(parts[0])] = int(parts[1])
+        return pids
+
+    def _break_on_init(self, payload: bytes) -> None:
+        type_name, text, tb_text = pickle.loads(payload)
+        error = WorkerCrashedError(
+            f"the worker initializer raised {type_name}: {text}; the pool runs no more tasks "
+            f"(fix the initializer, then create a new pool)"
+        )
+        error.__cause__ = RemoteTraceback(tb_text)
+        with self._lock:
+            self._broken = error
+            generation = self._generation
+            if generation is not None:
+                self._requeue_generation(generation)
+        self._fail_all(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            records = list(self._queue)
+            self._queue.clear()
+            generation = self._generation
+            if generation is not None:
+                for record in generation.records:
+                    if not record.handled:
+                        record.handled = True
+                        self._in_flight -= 1
+                        records.append(record)
+                generation.records.clear()
+        for record in records:
+            _settle(record.future, error)
+
+    def _teardown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            executors = list(self._retired)
+            self._retired = []
+            if self._generation is not None:
+                executors.append(self._generation.executor)
+                self._generation.retired = True
+                self._generation = None
+            kill = self._killed or self._broken is not None
+        self._fail_all(WorkerCrashedError("the loky pool was shut down"))
+        self._join_executors(executors, kill=kill)
+        with contextlib.suppress(OSError):
+            os.unlink(self._start_log)
+        _live_pools.discard(self)
+
+    @staticmethod
+    def _join_executors(executors: list[Any], *, kill: bool) -> None:
+        for executor in executors:
+            with contextlib.suppress(Exception):
+                executor.shutdown(wait=True, kill_workers=kill)
+
+    # -- shutting down ------------------------------------------------------------
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        with self._lock:
+            dispatcher = self._dispatcher
+            if dispatcher is None:
+                self._stopped = True
+                return
+            self._closing = True
+            generation = self._generation if kill else None
+            if kill:
+                self._stopped = self._killed = True
+            self._wakeup.notify()
+        if kill:
+            self._fail_all(WorkerCrashedError("the loky pool was killed before this task finished"))
+            if generation is not None:
+                with contextlib.suppress(Exception):
+                    generation.executor.shutdown(wait=False, kill_workers=True)
+        if dispatcher is threading.current_thread():
+            return
+        if kill:
+            dispatcher.join(KILL_GRACE_SECONDS)
+        elif wait:
+            dispatcher.join()
+
+
+def _settle(
+    future: TaskFuture, error: BaseException | None = None, *, result: bytes | None = None
+) -> None:
+    """Resolve ``future`` unless it is already resolved (or was cancelled)."""
+    if future.done():
+        return
+    with contextlib.suppress(Exception):  # resolved concurrently: the first answer stands
+        if future.running() or future.set_running_or_notify_cancel():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
