@@ -96,6 +96,8 @@ def reduce_group(group: Any) -> Recipe[Any]:
 
 def reduce_dataset(dataset: Any) -> Recipe[Any]:
     """A Dataset: reopen its file read-only and look up the dataset by path."""
+    if not dataset.id.valid:
+        raise _refuse(dataset, "an h5py Dataset", "the handle is closed")
     if dataset.name is None:
         raise _refuse(dataset, "an anonymous h5py Dataset", "it has no object path")
     file_recipe = _file_recipe(dataset, f"h5py Dataset {dataset.name!r}")
