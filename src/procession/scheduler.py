@@ -47,6 +47,8 @@ TARGET_CHUNK_SECONDS = 0.02
 # How much a chunk may grow from one measurement to the next: one odd first
 # item must not produce a huge chunk.
 MAX_GROWTH = 16
+# An absolute cap keeps read-ahead memory bounded for tiny tasks on huge inputs.
+MAX_AUTO_CHUNK = 50_000
 # Without a known length, an unstarted task's deadline cannot be computed; poll.
 POLL_SECONDS = 0.05
 
@@ -128,7 +130,7 @@ class AutoChunker:
         if self.per_item is None:
             return 1
         size = int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-9))
-        size = max(1, min(size, self.largest * MAX_GROWTH))
+        size = max(1, min(size, self.largest * MAX_GROWTH, MAX_AUTO_CHUNK))
         if self.length is not None:
             # Keep at least two chunks per worker in the tail so none idles.
             fair = math.ceil(max(self.length - consumed, 1) / (2 * self.workers))
@@ -536,7 +538,6 @@ def submit_call(
             data = done.result()
         except CancelledError:
             user_future.cancel()
-            user_future.set_running_or_notify_cancel()
             return
         except BaseException as transport_error:
             _settle(user_future, exc=transport_error)
@@ -554,6 +555,9 @@ def submit_call(
     def forward_cancel(done: Future[Any]) -> None:
         if done.cancelled():
             task_future.cancel()
+            # concurrent.futures.wait() counts a cancelled future as done only once
+            # its executor acknowledges the cancellation.
+            done.set_running_or_notify_cancel()
 
     user_future.add_done_callback(forward_cancel)
     task_future.add_done_callback(relay)

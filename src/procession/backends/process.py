@@ -553,11 +553,11 @@ class ProcessBackend(Backend):
 
     @staticmethod
     def _close_worker(w: _Worker) -> None:
+        # The Process object itself is left to the garbage collector: another
+        # thread may still be joining it, and its finalizer closes its sentinel.
         for conn in (w.conn, w.lifeline):
             with contextlib.suppress(Exception):
                 conn.close()
-        with contextlib.suppress(Exception):
-            w.process.close()
 
     def _fail_everything(self, error: BaseException, *, stop: bool = True) -> None:
         with self._lock:
