@@ -331,7 +331,7 @@ def test_register_custom_backend_by_name() -> None:
 
 
 def test_register_rejects_what_is_not_a_backend() -> None:
-    with pytest.raises(procession.BackendUnavailableError, match="not a procession.Backend"):
+    with pytest.raises(procession.BackendUnavailableError, match=r"not a procession\.Backend"):
         procession.register_backend("bogus", dict)
 
     class Half(procession.Backend):
