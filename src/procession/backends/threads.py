@@ -7,12 +7,14 @@ per process and shared by its threads.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 from typing import ClassVar
 
 from procession import worker
 from procession.backends.base import Backend, Capabilities, TaskFuture
+from procession.errors import WorkerCrashedError
 
 __all__ = ["ThreadBackend"]
 
@@ -28,6 +30,7 @@ class ThreadBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._init_error: BaseException | None = None
+        self._unfinished: set[TaskFuture] = set()
 
     def _initialize(self) -> None:
         try:
@@ -52,24 +55,45 @@ class ThreadBackend(Backend):
             future.set_exception(self._init_error)
             return
         future.mark_started(threading.current_thread().name)
+        # InvalidStateError: shutdown(kill=True) already failed this future.
         try:
-            future.set_result(worker.run_task(task))
+            result = worker.run_task(task)
         except BaseException as exc:
-            future.set_exception(exc)
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(exc)
+        else:
+            with contextlib.suppress(InvalidStateError):
+                future.set_result(result)
+        finally:
+            with self._lock:
+                self._unfinished.discard(future)
 
     def submit(self, task: bytes) -> TaskFuture:
         self.start()
-        assert self._pool is not None
         future = TaskFuture()
-        self._pool.submit(self._run, future, task)
+        with self._lock:
+            if self._pool is None:
+                raise RuntimeError(f"{self!r} was shut down; create a new backend")
+            self._unfinished.add(future)
+            self._pool.submit(self._run, future, task)
         return future
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            unfinished = list(self._unfinished) if kill else []
         if pool is not None:
-            # A running thread cannot be stopped; kill=True only drops queued work.
+            # A running thread cannot be stopped: kill=True drops queued work and
+            # fails every unfinished future, so nobody waits for the thread.
             pool.shutdown(wait=wait and not kill, cancel_futures=kill)
+        for future in unfinished:
+            if future.cancel():
+                future.set_running_or_notify_cancel()
+                continue
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(
+                    WorkerCrashedError("the thread pool was shut down before this task finished")
+                )
 
     @property
     def started(self) -> bool:
