@@ -14,12 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _serialization_helpers import LOCAL_BACKENDS, LOCAL_PROCESS_BACKENDS
 
 import procession
 from procession.serialization import get_serializer, registered_adapters
 from procession.serialization.policy import current_policy, policy, snapshot
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=LOCAL_BACKENDS)
+def local_backend(request: pytest.FixtureRequest) -> str:
+    """Every usable local backend (see _serialization_helpers for why not remote ones)."""
+    return str(request.param)
+
+
+@pytest.fixture(params=LOCAL_PROCESS_BACKENDS)
+def local_process_backend(request: pytest.FixtureRequest) -> str:
+    """Every usable local backend with isolated worker processes."""
+    return str(request.param)
 
 
 # -- generators ---------------------------------------------------------------
@@ -48,27 +61,27 @@ def make_nested_generator(offset: int) -> Iterator[int]:
     return shifted(3)
 
 
-def test_unstarted_generators_are_rebuilt_in_the_worker(backend_name: str) -> None:
+def test_unstarted_generators_are_rebuilt_in_the_worker(local_backend: str) -> None:
     gens = [count(5), count(10, step=3), spread(1, 2, 3, scale=10, extra=7)]
-    out = list(procession.map(total, gens, backend=backend_name, serializer="pickle"))
+    out = list(procession.map(total, gens, backend=local_backend, serializer="pickle"))
     assert out == [10, 0 + 3 + 6 + 9, 10 + 20 + 30 + 7]
     # The caller's generators were not consumed.
     assert list(gens[0]) == [0, 1, 2, 3, 4]
 
 
-def test_each_task_gets_a_fresh_generator(backend_name: str) -> None:
+def test_each_task_gets_a_fresh_generator(local_backend: str) -> None:
     gen = count(4)
-    out = list(procession.map(total, [gen] * 5, backend=backend_name, chunksize=1))
+    out = list(procession.map(total, [gen] * 5, backend=local_backend, chunksize=1))
     assert out == [6] * 5
 
 
-def test_closures_and_generator_expressions_with_cloudpickle(backend_name: str) -> None:
+def test_closures_and_generator_expressions_with_cloudpickle(local_backend: str) -> None:
     squares = (x * x for x in range(4))
     out = list(
         procession.map(
             total,
             [make_nested_generator(10), squares],
-            backend=backend_name,
+            backend=local_backend,
             serializer="cloudpickle",
         )
     )
@@ -82,11 +95,11 @@ def test_nested_generator_function_with_pickle_suggests_cloudpickle() -> None:
     assert 'serializer="cloudpickle"' in str(info.value)
 
 
-def test_started_generator_is_refused_by_default(backend_name: str) -> None:
+def test_started_generator_is_refused_by_default(local_backend: str) -> None:
     gen = count(5)
     next(gen)
     with pytest.raises(procession.SerializationError) as info:
-        list(procession.map(total, [[1], gen], backend=backend_name))
+        list(procession.map(total, [[1], gen], backend=local_backend))
     error = info.value
     assert error.index == 1
     assert error.path == "item"
@@ -98,14 +111,14 @@ def test_started_generator_is_refused_by_default(backend_name: str) -> None:
         procession.check_picklable(done)
 
 
-def test_started_generator_drained_by_policy(backend_name: str) -> None:
+def test_started_generator_drained_by_policy(local_backend: str) -> None:
     gen = count(5)
     next(gen)
     assert current_policy().started_generators == "refuse"
     with policy(started_generators="drain") as chosen:
         assert chosen.started_generators == "drain"
         # The same generator twice: both tasks see the same drained items.
-        out = list(procession.map(total, [gen, gen], backend=backend_name, chunksize=1))
+        out = list(procession.map(total, [gen, gen], backend=local_backend, chunksize=1))
     assert out == [1 + 2 + 3 + 4] * 2
     assert current_policy().started_generators == "refuse"
     with (
@@ -150,7 +163,7 @@ def named_square(conn: sqlite3.Connection, n: int) -> int:
 
 
 def test_sqlite_file_database_queried_from_process_workers(
-    process_backend_name: str, database: Path
+    local_process_backend: str, database: Path
 ) -> None:
     conn = sqlite3.connect(database)
     try:
@@ -158,7 +171,7 @@ def test_sqlite_file_database_queried_from_process_workers(
         for _ in range(2):  # a second map reuses each worker's connection
             out = list(
                 procession.map(
-                    task, range(50), backend=process_backend_name, workers=2, serializer="pickle"
+                    task, range(50), backend=local_process_backend, workers=2, serializer="pickle"
                 )
             )
             assert [square for square, *_ in out] == [n * n for n in range(50)]
@@ -199,21 +212,21 @@ def test_sqlite_in_process_backends_get_a_connection_per_thread(
         conn.close()
 
 
-def test_sqlite_read_only_flag_and_row_factory_are_kept(backend_name: str, database: Path) -> None:
+def test_sqlite_read_only_flag_and_row_factory_are_kept(local_backend: str, database: Path) -> None:
     readonly = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     writable = sqlite3.connect(database)
     writable.row_factory = sqlite3.Row
     try:
         refused = list(
-            procession.map(functools.partial(try_write, readonly), [1], backend=backend_name)
+            procession.map(functools.partial(try_write, readonly), [1], backend=local_backend)
         )
         assert "readonly" in refused[0]
         allowed = list(
-            procession.map(functools.partial(try_write, writable), [2], backend=backend_name)
+            procession.map(functools.partial(try_write, writable), [2], backend=local_backend)
         )
         assert allowed == ["written"]
         named = list(
-            procession.map(functools.partial(named_square, writable), [7], backend=backend_name)
+            procession.map(functools.partial(named_square, writable), [7], backend=local_backend)
         )
         assert named == [49]
     finally:
@@ -243,7 +256,7 @@ def count_rows(conn: sqlite3.Connection, table: str) -> int:
     return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-def test_sqlite_memory_database_refused_unless_snapshot(backend_name: str) -> None:
+def test_sqlite_memory_database_refused_unless_snapshot(local_backend: str) -> None:
     mem = sqlite3.connect(":memory:")
     try:
         mem.execute("CREATE TABLE t (x)")
@@ -251,14 +264,14 @@ def test_sqlite_memory_database_refused_unless_snapshot(backend_name: str) -> No
         mem.commit()
         task = functools.partial(count_rows, mem)
         with pytest.raises(procession.SerializationError) as info:
-            list(procession.map(task, ["t"], backend=backend_name))
+            list(procession.map(task, ["t"], backend=local_backend))
         assert "in-memory" in str(info.value)
         assert 'memory_databases="snapshot"' in str(info.value)
         assert info.value.path == "fn.args[0]"
         with policy(memory_databases="snapshot"):
-            assert list(procession.map(task, ["t", "t"], backend=backend_name)) == [7, 7]
+            assert list(procession.map(task, ["t", "t"], backend=local_backend)) == [7, 7]
         explicit = functools.partial(count_rows, snapshot(mem))
-        assert list(procession.map(explicit, ["t"], backend=backend_name)) == [7]
+        assert list(procession.map(explicit, ["t"], backend=local_backend)) == [7]
     finally:
         mem.close()
 
@@ -299,21 +312,21 @@ def read_two(handle: Any) -> list[Any]:
         return [handle.readline(), handle.readline()]
 
 
-def test_read_only_text_file_reopened_at_same_position(backend_name: str, text_file: Path) -> None:
+def test_read_only_text_file_reopened_at_same_position(local_backend: str, text_file: Path) -> None:
     with open(text_file, encoding="utf-8") as handle:
         handle.readline()
         handle.readline()
-        out = list(procession.map(read_two, [handle, handle], backend=backend_name, chunksize=1))
+        out = list(procession.map(read_two, [handle, handle], backend=local_backend, chunksize=1))
         # Each task got its own handle at the sender's position; ours did not move.
         assert out == [["line 2 é\n", "line 3 é\n"]] * 2
         assert handle.readline() == "line 2 é\n"
 
 
-def test_read_only_binary_files_reopened(backend_name: str, text_file: Path) -> None:
+def test_read_only_binary_files_reopened(local_backend: str, text_file: Path) -> None:
     with open(text_file, "rb") as buffered, open(text_file, "rb", buffering=0) as raw:
         buffered.read(4)
         raw.read(5)
-        out = list(procession.map(read_two, [buffered, raw], backend=backend_name))
+        out = list(procession.map(read_two, [buffered, raw], backend=local_backend))
     assert out[0][0] == b" 0 \xc3\xa9\n"
     assert out[1][0] == b"0 \xc3\xa9\n"
 
@@ -378,7 +391,7 @@ def handle_name(handle: Any) -> str:
     return f"{type(handle).__name__}:{handle.name}"
 
 
-def test_entry_point_adapter_from_installed_distribution(backend_name: str) -> None:
+def test_entry_point_adapter_from_installed_distribution(local_backend: str) -> None:
     from procession_example_backend import Handle
 
     with pytest.raises(TypeError):
@@ -386,7 +399,7 @@ def test_entry_point_adapter_from_installed_distribution(backend_name: str) -> N
     assert Handle in registered_adapters()
     out = list(
         procession.map(
-            handle_name, [Handle("a"), Handle("b")], backend=backend_name, serializer="pickle"
+            handle_name, [Handle("a"), Handle("b")], backend=local_backend, serializer="pickle"
         )
     )
     assert out == ["Handle:a", "Handle:b"]
@@ -425,7 +438,7 @@ def setting_of(gadget: Gadget) -> int:
     return gadget.setting
 
 
-def test_user_adapter_applies_under_every_serializer(backend_name: str) -> None:
+def test_user_adapter_applies_under_every_serializer(local_backend: str) -> None:
     procession.register_adapter(Gadget, reduce_gadget)
     procession.register_adapter(Gadget, reduce_gadget)  # the same twice: harmless
     with pytest.raises(ValueError, match="already registered"):
@@ -433,7 +446,7 @@ def test_user_adapter_applies_under_every_serializer(backend_name: str) -> None:
     for serializer in ["pickle", "cloudpickle", "dill"]:
         out = list(
             procession.map(
-                setting_of, [Gadget(4), Widget(5)], backend=backend_name, serializer=serializer
+                setting_of, [Gadget(4), Widget(5)], backend=local_backend, serializer=serializer
             )
         )
         assert out == [4, 5]

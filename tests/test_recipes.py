@@ -10,12 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
+from _serialization_helpers import LOCAL_BACKENDS
 
 import procession
 from procession.serialization import get_serializer
 from procession.serialization.recipes import build_count
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=LOCAL_BACKENDS)
+def local_backend(request: pytest.FixtureRequest) -> str:
+    """Every usable local backend (see _serialization_helpers for why not remote ones)."""
+    return str(request.param)
 
 
 class Expensive:
@@ -137,17 +144,17 @@ def test_process_recipe_is_built_once_when_threads_race(tmp_path: Path) -> None:
     assert len(builds(log)) == 1
 
 
-def test_recipe_built_once_per_worker_across_maps(backend_name: str, tmp_path: Path) -> None:
+def test_recipe_built_once_per_worker_across_maps(local_backend: str, tmp_path: Path) -> None:
     log = tmp_path / "builds.log"
-    recipe = procession.Recipe(make_expensive, str(log), backend_name, delay=0.01)
+    recipe = procession.Recipe(make_expensive, str(log), local_backend, delay=0.01)
     task = functools.partial(use, recipe)
     seen: dict[int, set[int]] = {}
     for round_ in range(3):
         results = list(
-            procession.map(task, range(12), backend=backend_name, workers=2, chunksize=1)
+            procession.map(task, range(12), backend=local_backend, workers=2, chunksize=1)
         )
         assert [x for _, _, _, x in results] == list(range(12)), round_
-        assert {label for _, _, label, _ in results} == {backend_name}
+        assert {label for _, _, label, _ in results} == {local_backend}
         for pid, object_id, _, _ in results:
             seen.setdefault(pid, set()).add(object_id)
     logged = builds(log)
@@ -158,10 +165,10 @@ def test_recipe_built_once_per_worker_across_maps(backend_name: str, tmp_path: P
     assert all(len(ids) == 1 for ids in seen.values())
 
 
-def test_recipe_inside_an_argument_attribute(backend_name: str, tmp_path: Path) -> None:
+def test_recipe_inside_an_argument_attribute(local_backend: str, tmp_path: Path) -> None:
     log = tmp_path / "builds.log"
     holder = Holder(procession.Recipe(make_expensive, str(log), "held"))
-    out = list(procession.map(holder_label, [holder, holder, holder], backend=backend_name))
+    out = list(procession.map(holder_label, [holder, holder, holder], backend=local_backend))
     assert out == ["held"] * 3
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _serialization_helpers import LOCAL_BACKENDS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +24,13 @@ from procession.serialization import (
 from procession.serialization.diagnostics import check_report
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=LOCAL_BACKENDS)
+def local_backend(request: pytest.FixtureRequest) -> str:
+    """Every usable local backend (see _serialization_helpers for why not remote ones)."""
+    return str(request.param)
+
 
 SERIALIZERS = ["pickle", "cloudpickle", "dill"]
 
@@ -60,8 +68,8 @@ def identity(x: Any) -> Any:
 
 @pytest.mark.parametrize("name", SERIALIZERS)
 @given(batch=st.lists(values, min_size=1, max_size=8))
-def test_round_trip_through_a_worker(name: str, batch: list[Any], backend_name: str) -> None:
-    out = list(procession.map(identity, batch, backend=backend_name, serializer=name))
+def test_round_trip_through_a_worker(name: str, batch: list[Any], local_backend: str) -> None:
+    out = list(procession.map(identity, batch, backend=local_backend, serializer=name))
     assert out == batch
 
 
@@ -243,15 +251,15 @@ def test_submit_error_names_the_argument_path() -> None:
     assert info.value.path == "args[0].inner.lock"
 
 
-def test_unsendable_item_names_its_index_and_path(backend_name: str) -> None:
+def test_unsendable_item_names_its_index_and_path(local_backend: str) -> None:
     items: list[Any] = [1, 2, 3, {"key": [0, 0, threading.Lock()]}, 5]
     with pytest.raises(procession.SerializationError) as info:
-        list(procession.map(identity, items, backend=backend_name, chunksize=2))
+        list(procession.map(identity, items, backend=local_backend, chunksize=2))
     assert info.value.index == 3
     assert info.value.path == "item['key'][2]"
     assert "input item 3" in str(info.value)
     out = list(
-        procession.map(identity, items, backend=backend_name, chunksize=2, on_error="return")
+        procession.map(identity, items, backend=local_backend, chunksize=2, on_error="return")
     )
     assert out[:3] == [1, 2, 3]
     assert out[4] == 5
@@ -262,16 +270,16 @@ def lock_at_three(x: int) -> Any:
     return {"value": threading.Lock()} if x == 3 else x
 
 
-def test_unsendable_result_comes_back_as_error_with_index(backend_name: str) -> None:
+def test_unsendable_result_comes_back_as_error_with_index(local_backend: str) -> None:
     with pytest.raises(procession.SerializationError) as info:
-        list(procession.map(lock_at_three, range(6), backend=backend_name, chunksize=3))
+        list(procession.map(lock_at_three, range(6), backend=local_backend, chunksize=3))
     error = info.value
     assert error.index == 3
     assert error.path == "result['value']"
     assert error.type_name == "_thread.lock"
     out = list(
         procession.map(
-            lock_at_three, range(6), backend=backend_name, chunksize=3, on_error="return"
+            lock_at_three, range(6), backend=local_backend, chunksize=3, on_error="return"
         )
     )
     assert [x for i, x in enumerate(out) if i != 3] == [0, 1, 2, 4, 5]
