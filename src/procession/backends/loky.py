@@ -436,7 +436,7 @@ class LokyBackend(Backend):
         if error is not None:
             _settle(record.future, error)
         elif payload is not None and payload[:1] == INIT_FAILED:
-            self._break_on_init(payload[1:])
+            _settle(record.future, self._break_on_init(payload[1:]))
         elif payload is not None:
             _settle(record.future, result=payload[1:])
 
@@ -480,7 +480,7 @@ class LokyBackend(Backend):
                     pids[int(parts[0])] = int(parts[1])
         return pids
 
-    def _break_on_init(self, payload: bytes) -> None:
+    def _break_on_init(self, payload: bytes) -> WorkerCrashedError:
         type_name, text, tb_text = pickle.loads(payload)
         error = WorkerCrashedError(
             f"the worker initializer raised {type_name}: {text}; the pool runs no more tasks "
@@ -493,6 +493,7 @@ class LokyBackend(Backend):
             if generation is not None:
                 self._requeue_generation(generation)
         self._fail_all(error)
+        return error
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
