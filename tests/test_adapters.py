@@ -474,3 +474,21 @@ def test_adapter_must_return_a_recipe() -> None:
     procession.register_adapter(Odd, not_a_recipe)
     with pytest.raises(procession.SerializationError, match=r"not a procession\.Recipe"):
         procession.check_picklable(Odd(), "pickle")
+
+
+class Fragile:
+    pass
+
+
+def broken_reduce(_: Fragile) -> procession.Recipe[Fragile]:
+    raise ValueError("adapter bug")
+
+
+def test_failing_adapter_is_named_in_the_error() -> None:
+    procession.register_adapter(Fragile, broken_reduce)
+    with pytest.raises(procession.SerializationError) as info:
+        procession.check_picklable({"f": Fragile()}, "cloudpickle")
+    message = str(info.value)
+    assert info.value.path == "obj['f']"
+    assert "ValueError: adapter bug" in message
+    assert "broken_reduce" in message

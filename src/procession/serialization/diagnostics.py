@@ -39,6 +39,12 @@ MAX_ATTEMPTS = 2000
 MAX_DEPTH = 60
 MAX_CHILDREN = 10_000
 _CODE_BY_VALUE_HINT = 'serializer="cloudpickle"'
+# Adapter plug-ins procession knows of, by the top-level module of the types
+# they cover: suggested when such an object fails and no adapter is installed.
+KNOWN_ADAPTER_PLUGINS = {
+    "h5py": "procession-h5py",
+    "duckdb": "procession-duckdb",
+}
 
 
 @dataclass
@@ -315,7 +321,18 @@ def _advice(culprit: Culprit, root_obj: Any, serializer: Serializer) -> str:
             f'{_CODE_BY_VALUE_HINT} (or "dill"), which send code by value, or define it at '
             f"module level"
         )
+    culprit_type = type(culprit.obj)
+    reduce = adapters.find_reducer(culprit_type)
+    if reduce is not None:
+        return (
+            f"{error}. The adapter registered for {type_name(culprit.obj)} "
+            f"({getattr(reduce, '__module__', '?')}.{getattr(reduce, '__qualname__', reduce)}) "
+            f"failed: fix it, or wrap the object in a procession.Recipe yourself"
+        )
     fixes = []
+    plugin = KNOWN_ADAPTER_PLUGINS.get(culprit_type.__module__.partition(".")[0])
+    if plugin is not None:
+        fixes.append(f"pip install {plugin} (procession's adapters for it)")
     others = _other_serializers(root_obj, serializer)
     if others:
         fixes.append(" or ".join(f'serializer="{name}"' for name in others) + " can send it")
