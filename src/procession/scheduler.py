@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
@@ -114,15 +115,26 @@ class Outcome:
     errors: dict[int, BaseException] = field(default_factory=dict)
 
 
+# Per-item time learned for each function (by digest), so the next map of the
+# same function starts at the right chunk size instead of ramping up again.
+_learned_per_item: OrderedDict[bytes, float] = OrderedDict()
+_LEARNED_LIMIT = 256
+_learned_lock = threading.Lock()
+
+
 class AutoChunker:
     """Chooses chunk sizes from measured worker time per item."""
 
-    def __init__(self, fixed: int | None, workers: int, length: int | None) -> None:
+    def __init__(
+        self, fixed: int | None, workers: int, length: int | None, key: bytes = b""
+    ) -> None:
         self.fixed = fixed
         self.workers = workers
         self.length = length
-        self.per_item: float | None = None
-        self.largest = 1
+        self.key = key
+        self.per_item: float | None = _learned_per_item.get(key) if key else None
+        # A remembered estimate is trusted at once; a fresh one grows step by step.
+        self.largest = MAX_AUTO_CHUNK if self.per_item is not None else 1
 
     def next_size(self, consumed: int) -> int:
         if self.fixed is not None:
@@ -143,6 +155,12 @@ class AutoChunker:
             return
         sample = seconds / items
         self.per_item = sample if self.per_item is None else 0.5 * self.per_item + 0.5 * sample
+        if self.key:
+            with _learned_lock:
+                _learned_per_item[self.key] = self.per_item
+                _learned_per_item.move_to_end(self.key)
+                if len(_learned_per_item) > _LEARNED_LIMIT:
+                    _learned_per_item.popitem(last=False)
 
 
 def decode_failure(
@@ -254,7 +272,7 @@ class MapRun:
         self._fn_digest, self._fn_bytes = encode_function(fn, serializer)
         self._star = star
         fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
-        self._chunker = AutoChunker(fixed, backend.workers, self._length)
+        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn_digest)
         self._ordered = ordered
         self._timeout = timeout
         self._retries = retries
