@@ -47,7 +47,14 @@ INSTALL_HINT = "pip install procession-ray (which installs ray)"
 class _Worker:
     """The actor: one procession worker process.  Runs tasks one at a time."""
 
-    def __init__(self, setup: bytes | None) -> None:
+    def __init__(self, setup: bytes | None, sys_path: list[str] | None) -> None:
+        if sys_path:
+            import sys
+
+            # As multiprocessing's spawn does: modules the driver imports by path
+            # (a script's directory, test modules) import here too.
+            missing = [entry for entry in sys_path if entry not in sys.path]
+            sys.path[:0] = missing
         self._setup_error: BaseException | None = None
         try:
             procession_worker.initialize_worker(setup)
@@ -276,7 +283,12 @@ class RayBackend(procession.Backend):
             self._dispatcher.start()
 
     def _new_actor(self) -> Any:
-        return self._actor_class.remote(self.worker_setup)
+        import sys
+
+        # Local workers run this machine's interpreter: give them the driver's
+        # import path.  A cluster's nodes have their own (use Ray's runtime_env).
+        sys_path = list(sys.path) if self.address is None else None
+        return self._actor_class.remote(self.worker_setup, sys_path)
 
     def submit(self, task: bytes) -> TaskFuture:
         self.start()
