@@ -1,0 +1,616 @@
+"""The ``dask`` backend: the same map, Executor and Pipeline on a Dask cluster.
+
+Three ways to get a cluster, chosen by the constructor:
+
+- ``address="tcp://host:8786"``: connect to a running ``dask scheduler``;
+- ``client=distributed.Client(...)``: reuse a client the caller already has;
+- neither: start an embedded ``LocalCluster`` (one process per worker, one
+  thread each, bound to 127.0.0.1, no dashboard unless asked), closed again by
+  :meth:`DaskBackend.shutdown`.
+
+Only what this backend started is ever stopped: a caller's client or a remote
+cluster is left running.
+
+    caller threads                 dask scheduler                  dask worker process
+    ──────────────                 ──────────────                  ───────────────────
+    submit(task bytes) ──client.submit(_run_on_worker)──►  assign ──► setup once (per process)
+    TaskFuture                                                         "started" event ──┐
+       ▲  mark_started ◄────────── event topic "procession-started-…" ◄──────────────────┘
+       │                                                               run_task(bytes)
+       └── set_result ◄── done callback: gather result bytes ◄──────── result bytes
+           WorkerCrashedError ◄── KilledWorker / lost worker
+
+Each task reports, before it runs the user's code, that it started and where
+(worker address and pid).  That makes three things exact:
+
+- ``timeout=``: measured from the real start; :meth:`kill_task` kills the
+  process that runs the late task (through its nanny, which starts a fresh
+  one), so ``TaskTimeoutError`` works as on the ``process`` backend;
+- crash attribution: when a worker dies, Dask fails every task assigned to it,
+  including ones still queued behind the one that crashed it.  Tasks that never
+  reported a start cannot have caused the crash and are quietly resubmitted;
+  only the task that was running becomes a ``WorkerCrashedError`` (which the
+  scheduler's ``retries=`` can re-run);
+- ``Pipeline``/``Executor`` cancellation: a started task is running, not
+  cancellable, exactly like a ``concurrent.futures`` future.
+
+The embedded cluster runs with ``distributed.scheduler.allowed-failures = 0``,
+so Dask itself never re-runs a task whose worker died: procession's
+``retries=`` decides.  A cluster reached through ``address=`` or ``client=``
+keeps its own setting (Dask's default re-runs such a task up to 3 times before
+giving up), which procession cannot change from the outside.
+
+Task bytes are opaque here, as everywhere: the worker side is
+:func:`procession.worker.run_task`, so recipes are rebuilt and cached once per
+Dask worker process by the worker runtime, like on every other backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import logging
+import os
+import signal
+import threading
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from procession import worker as runtime
+from procession.backends.base import Backend, Capabilities, TaskFuture
+from procession.errors import BackendUnavailableError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
+
+# Dask's futures and clients are only partly typed; they are handled as Any here.
+DaskFuture = Any
+
+__all__ = ["DaskBackend"]
+
+INSTALL_HINT = "pip install 'procession[dask]'"
+TOPIC_PREFIX = "procession-started-"
+# A task Dask failed because its worker died, but which never started, is
+# resubmitted at most this many times (a worker that dies before it can
+# report anything must not make a poisonous task loop forever).
+MAX_UNSTARTED_RESUBMITS = 3
+CLOSE_TIMEOUT_SECONDS = 5.0
+KILL_CLOSE_TIMEOUT_SECONDS = 2.0
+
+
+# -- the worker side (runs in dask worker processes) -------------------------------
+
+_setup_lock = threading.Lock()
+_setup_done: dict[str, BaseException | None] = {}
+
+
+def _setup_once(token: str, setup: bytes) -> None:
+    """Run the backend's worker_setup once in this process; replay its failure after."""
+    with _setup_lock:
+        if token not in _setup_done:
+            try:
+                runtime.initialize_worker(setup)
+            except BaseException as exc:
+                _setup_done[token] = exc
+            else:
+                _setup_done[token] = None
+        failure = _setup_done[token]
+    if failure is not None:
+        raise failure
+
+
+def _report_start(topic: str, tag: int) -> None:
+    """Tell the client that task ``tag`` starts now, and in which process.
+
+    A direct RPC to the scheduler (not the worker's batched stream), so the
+    event is on the scheduler before the user's code runs: a task that kills
+    its worker at once is still known to have started.
+    """
+    try:
+        from distributed import get_worker
+        from distributed.utils import sync
+    except ImportError:  # pragma: no cover - dask workers always have distributed
+        return
+    try:
+        dask_worker = get_worker()
+    except ValueError:
+        return  # not inside a dask worker (e.g. a test calling this directly)
+    sync(
+        dask_worker.loop,
+        dask_worker.scheduler.log_event,
+        topic=topic,
+        msg=[tag, dask_worker.address, os.getpid()],
+    )
+
+
+def _run_on_worker(task: bytes, token: str, tag: int, setup: bytes | None) -> bytes:
+    """The function every Dask task runs: setup once, report the start, run the task."""
+    if setup is not None:
+        _setup_once(token, setup)
+    _report_start(TOPIC_PREFIX + token, tag)
+    return runtime.run_task(task)
+
+
+def _kill_pid(pid: int) -> bool:
+    """Run in a nanny: SIGKILL its worker process (the nanny then starts a fresh one)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- the client side ------------------------------------------------------------------
+
+
+@dataclass
+class _Attempt:
+    """One Dask task standing for one TaskFuture (a resubmission is a new attempt)."""
+
+    future: TaskFuture
+    tag: int
+    task: bytes
+    resubmits: int = 0
+    started: bool = False
+    address: str | None = None
+    pid: int | None = None
+    dask_future: Any = None
+
+
+class DaskBackend(Backend):
+    """Runs tasks on a Dask distributed cluster (embedded ``LocalCluster`` by default).
+
+    Example::
+
+        backend = procession.create_backend("dask", address="tcp://10.0.0.5:8786")
+        for y in procession.map(f, items, backend=backend):
+            ...
+        backend.shutdown()   # closes this backend's client; the cluster keeps running
+
+    ``workers``: embedded cluster: how many worker processes to start;
+    ``address=``/``client=``: how many tasks to keep in flight (default: the
+    cluster's thread count when first used).  ``dashboard=True`` (or an
+    address such as ``"127.0.0.1:8787"``) serves the embedded cluster's
+    dashboard; see :attr:`dashboard_link`.  Further keywords go to
+    ``distributed.LocalCluster``.
+    """
+
+    name: ClassVar[str] = "dask"
+    # Kill works through the worker's nanny (always there in the embedded cluster
+    # and with the ``dask worker`` command's default).
+    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
+    default_serializer: ClassVar[str] = "cloudpickle"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        worker_setup: bytes | None = None,
+        *,
+        address: str | None = None,
+        client: Client | None = None,
+        dashboard: bool | str = False,
+        **cluster_options: Any,
+    ) -> None:
+        super().__init__(workers=workers, worker_setup=worker_setup)
+        if address is not None and client is not None:
+            raise ValueError("give address= or client=, not both")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a scheduler address string, got {address!r}")
+        if (address is not None or client is not None) and cluster_options:
+            raise ValueError(
+                f"{', '.join(sorted(cluster_options))} configure an embedded LocalCluster; "
+                f"they cannot apply to an existing cluster given by address= or client="
+            )
+        self._explicit_workers = workers is not None
+        self._address = address
+        self._given_client = client
+        self._dashboard = dashboard
+        self._cluster_options = cluster_options
+        self._token = uuid.uuid4().hex
+        self._topic = TOPIC_PREFIX + self._token
+        self._lock = threading.RLock()
+        self._client: Any = None
+        self._cluster: Any = None
+        self._closed = False
+        self._tags = itertools.count()
+        self._attempts: dict[int, _Attempt] = {}  # tag -> attempt in flight
+        self._by_future: dict[TaskFuture, _Attempt] = {}
+
+    # -- options -----------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """Worker processes (embedded) or tasks kept in flight (existing cluster)."""
+        if not self._explicit_workers and self.embedded is False:
+            self.start()
+            with self._lock:
+                client = self._client
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    threads = sum(
+                        w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()
+                    )
+                    return max(1, int(threads))
+        return self._workers
+
+    @workers.setter
+    def workers(self, value: int) -> None:
+        self._workers = value
+
+    @property
+    def embedded(self) -> bool:
+        """True when this backend starts (and stops) its own LocalCluster."""
+        return self._address is None and self._given_client is None
+
+    @property
+    def client(self) -> Client | None:
+        """The ``distributed.Client`` in use (None before start and after shutdown)."""
+        client: Client | None = self._client
+        return client
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The embedded cluster's dashboard URL, when ``dashboard=`` asked for one."""
+        cluster = self._cluster
+        if cluster is None or not self._dashboard:
+            return None
+        return str(cluster.dashboard_link)
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("distributed") is None:
+            raise BackendUnavailableError(
+                f"the 'dask' backend needs the 'distributed' package, which is not "
+                f"installed; fix: {INSTALL_HINT}"
+            )
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                return
+            self.check_available()
+            self._closed = False
+            import distributed
+
+            client_class: Any = distributed.Client
+            client: Any
+            if self._given_client is not None:
+                client = self._given_client
+            elif self._address is not None:
+                # set_as_default=False: never hijack the caller's own dask default client.
+                client = client_class(self._address, set_as_default=False)
+            else:
+                self._cluster = self._start_cluster()
+                try:
+                    client = client_class(self._cluster, set_as_default=False)
+                except BaseException:
+                    self._cluster.close()
+                    self._cluster = None
+                    raise
+            client.subscribe_topic(self._topic, self._on_started)
+            self._client = client
+
+    def _start_cluster(self) -> Any:
+        import dask
+        import distributed
+
+        cluster_class: Any = distributed.LocalCluster
+
+        dashboard = self._dashboard
+        if dashboard is True:
+            dashboard_address: str | None = "127.0.0.1:0"
+        elif isinstance(dashboard, str):
+            dashboard_address = dashboard
+        else:
+            dashboard_address = None
+        options: dict[str, Any] = {
+            "n_workers": self._workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": dashboard_address,
+            # The scheduler always serves HTTP (health, metrics), on :8787 unless
+            # told otherwise, which another cluster may hold: ask for a free port.
+            "scheduler_kwargs": {
+                "dashboard": dashboard_address is not None,
+                "dashboard_address": dashboard_address or "127.0.0.1:0",
+            },
+            # procession reports crashes itself (WorkerCrashedError); Dask's own
+            # log lines about dead workers would only repeat them on stderr.
+            "silence_logs": logging.CRITICAL,
+        }
+        options.update(self._cluster_options)
+        # allowed-failures=0: a task whose worker died fails at once, so that
+        # procession's retries= (not Dask) decides whether it runs again.
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            return cluster_class(**options)
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            cluster, self._cluster = self._cluster, None
+            self._closed = True
+        if client is None:
+            return
+        if wait and not kill:
+            with self._lock:
+                pending = [a.future for a in self._attempts.values()]
+            wait_futures(pending)
+        if kill and cluster is not None:
+            # A task that hangs would hold up a graceful close: kill the
+            # workers first (their nannies are closing, so none restarts them).
+            self._kill_cluster_workers(cluster)
+        with self._lock:
+            attempts = list(self._attempts.values())
+            self._attempts.clear()
+            self._by_future.clear()
+        dask_futures = [a.dask_future for a in attempts if a.dask_future is not None]
+        for attempt in attempts:
+            _fail(
+                attempt.future,
+                WorkerCrashedError(
+                    "the dask backend was shut down before this task finished",
+                ),
+            )
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(self._topic)
+        if dask_futures:
+            with contextlib.suppress(Exception):
+                client.cancel(dask_futures)
+        if client is not self._given_client:
+            timeout = KILL_CLOSE_TIMEOUT_SECONDS if kill else CLOSE_TIMEOUT_SECONDS
+            with contextlib.suppress(Exception):
+                client.close(timeout=timeout)
+        if cluster is not None:
+            timeout = KILL_CLOSE_TIMEOUT_SECONDS if kill else CLOSE_TIMEOUT_SECONDS
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=timeout)
+            # Whatever a close that timed out left behind must not outlive us.
+            self._kill_cluster_workers(cluster)
+
+    @staticmethod
+    def _kill_cluster_workers(cluster: LocalCluster) -> None:
+        for pid in _cluster_pids(cluster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def worker_pids(self) -> set[int]:
+        """Pids of the embedded cluster's worker processes (empty for an existing cluster:
+        its workers are not this process's to count, and may be on other machines)."""
+        cluster = self._cluster
+        if cluster is None:
+            return set()
+        return _cluster_pids(cluster)
+
+    # -- tasks --------------------------------------------------------------------
+
+    def submit(self, task: bytes) -> TaskFuture:
+        self.start()
+        future = TaskFuture()
+        attempt = _Attempt(future=future, tag=next(self._tags), task=task)
+        with self._lock:
+            if self._closed or self._client is None:
+                raise RuntimeError("cannot submit to a dask backend that was shut down")
+            self._by_future[future] = attempt
+        future.add_done_callback(self._on_task_future_done)
+        self._send(attempt)
+        return future
+
+    def _send(self, attempt: _Attempt) -> None:
+        with self._lock:
+            client = self._client
+            if client is None:
+                return
+            self._attempts[attempt.tag] = attempt
+        try:
+            dask_future = client.submit(
+                _run_on_worker,
+                attempt.task,
+                self._token,
+                attempt.tag,
+                self.worker_setup,
+                key=f"procession-{self._token[:8]}-{attempt.tag}",
+                pure=False,
+            )
+        except BaseException as exc:
+            with self._lock:
+                self._attempts.pop(attempt.tag, None)
+                self._by_future.pop(attempt.future, None)
+            _fail(attempt.future, exc)
+            return
+        attempt.dask_future = dask_future
+        dask_future.add_done_callback(lambda done: self._on_dask_done(attempt, done))
+
+    def _on_started(self, event: tuple[float, Any]) -> None:
+        """Runs in the client's event loop for every "started" event."""
+        _timestamp, msg = event
+        try:
+            tag, address, pid = msg
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            attempt = self._attempts.get(tag)
+        if attempt is None:
+            return
+        attempt.started = True
+        attempt.address = address
+        attempt.pid = pid
+        future = attempt.future
+        # A started task is running: cancel() now fails, as with concurrent.futures.
+        if future.set_running_or_notify_cancel():
+            future.mark_started((address, pid))
+
+    def _on_dask_done(self, attempt: _Attempt, done: DaskFuture) -> None:
+        """Runs in Dask's callback thread when the Dask task finished, failed or vanished."""
+        with self._lock:
+            current = self._attempts.get(attempt.tag)
+            if current is not attempt:
+                return  # killed, cancelled or shut down: already settled
+            del self._attempts[attempt.tag]
+        status = str(done.status)
+        if status == "finished":
+            try:
+                data = done.result()
+            except BaseException as exc:
+                self._settle(attempt, exc=self._transport_error(attempt, exc))
+            else:
+                self._settle(attempt, value=data)
+            return
+        error: BaseException | None = None
+        if status == "error":
+            with contextlib.suppress(BaseException):
+                error = done.exception()
+        if status == "error" and error is not None and not _is_worker_loss(error):
+            # worker_setup failed, or the worker could not run the runtime at all.
+            self._settle(attempt, exc=error)
+            return
+        # The worker died (KilledWorker) or the task vanished (scheduler lost, ...).
+        if not attempt.started and not self._closed and attempt.resubmits < MAX_UNSTARTED_RESUBMITS:
+            # Queued behind the task that crashed the worker: innocent.
+            retry = _Attempt(
+                future=attempt.future,
+                tag=next(self._tags),
+                task=attempt.task,
+                resubmits=attempt.resubmits + 1,
+            )
+            with self._lock:
+                if self._by_future.get(attempt.future) is attempt:
+                    self._by_future[attempt.future] = retry
+                else:
+                    return
+            self._send(retry)
+            return
+        self._settle(attempt, exc=self._crash_error(attempt, status, error))
+
+    def _crash_error(
+        self, attempt: _Attempt, status: str, error: BaseException | None
+    ) -> WorkerCrashedError:
+        where = f"worker pid {attempt.pid} at {attempt.address}" if attempt.started else "worker"
+        if error is not None:
+            detail = f"dask reported {type(error).__name__}: {error}"
+        else:
+            detail = f"dask reported the task as {status}"
+        if not attempt.started:
+            detail += (
+                f" (the task was resubmitted {attempt.resubmits} times without "
+                f"reporting a start: its workers died before it could run)"
+            )
+        crash = WorkerCrashedError(f"the dask {where} died while running a task; {detail}")
+        if error is not None:
+            crash.__cause__ = error
+        return crash
+
+    def _transport_error(self, attempt: _Attempt, exc: BaseException) -> BaseException:
+        if _is_worker_loss(exc):
+            return self._crash_error(attempt, "lost", exc)
+        return exc
+
+    def _settle(
+        self, attempt: _Attempt, *, value: bytes | None = None, exc: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            if self._by_future.get(attempt.future) is attempt:
+                del self._by_future[attempt.future]
+        future = attempt.future
+        if exc is not None:
+            _fail(future, exc)
+            return
+        assert value is not None
+        with contextlib.suppress(Exception):  # cancelled or killed meanwhile
+            if not future.running():
+                future.set_running_or_notify_cancel()
+            future.set_result(value)
+
+    def _on_task_future_done(self, future: Future[bytes]) -> None:
+        """The scheduler cancelled a task that had not started: drop its Dask task."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            attempt = self._by_future.pop(future, None)  # type: ignore[call-overload]
+            if attempt is None:
+                return
+            self._attempts.pop(attempt.tag, None)
+            client = self._client
+        if client is not None and attempt.dask_future is not None:
+            with contextlib.suppress(Exception):
+                attempt.dask_future.cancel()
+
+    def kill_task(self, future: TaskFuture) -> None:
+        """Stop the task behind ``future``: kill its worker process (the nanny replaces
+        it) and fail the future with WorkerCrashedError."""
+        with self._lock:
+            attempt = self._by_future.pop(future, None)
+            if attempt is not None:
+                self._attempts.pop(attempt.tag, None)
+            client = self._client
+            cluster = self._cluster
+        if attempt is None or client is None:
+            return
+        if attempt.dask_future is not None:
+            with contextlib.suppress(Exception):
+                attempt.dask_future.cancel()
+        how = "cancelled before it started"
+        if attempt.started and attempt.pid is not None:
+            how = f"stopped by killing its worker pid {attempt.pid} at {attempt.address}"
+            if cluster is not None and attempt.pid in _cluster_pids(cluster):
+                # Our own LocalCluster: its workers are our children.
+                _kill_pid(attempt.pid)
+            else:
+                self._kill_remote(client, attempt)
+        _fail(future, WorkerCrashedError(f"the task was {how}"))
+
+    @staticmethod
+    def _kill_remote(client: Client, attempt: _Attempt) -> None:
+        """Kill the process behind a late task on another machine, through its nanny."""
+        assert attempt.address is not None and attempt.pid is not None
+        try:
+            client.run(_kill_pid, attempt.pid, workers=[attempt.address], nanny=True)
+        except Exception:
+            # No nanny (``dask worker --no-nanny``): the worker exits by itself.
+            with contextlib.suppress(Exception):
+                client.run(os._exit, 1, workers=[attempt.address], wait=False)
+
+    def __repr__(self) -> str:
+        if self._address is not None:
+            where = f"address={self._address!r}"
+        elif self._given_client is not None:
+            where = "client=<given>"
+        else:
+            where = f"LocalCluster workers={self._workers}"
+        return f"<{type(self).__name__} {self.name!r} {where}>"
+
+
+def _cluster_pids(cluster: LocalCluster) -> set[int]:
+    pids: set[int] = set()
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        pid = getattr(nanny, "pid", None)
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
+
+
+def _is_worker_loss(exc: BaseException) -> bool:
+    from concurrent.futures import CancelledError
+
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover
+        return isinstance(exc, CancelledError)
+    return isinstance(exc, KilledWorker | CancelledError)
+
+
+def _fail(future: TaskFuture, exc: BaseException) -> None:
+    with contextlib.suppress(Exception):  # settled concurrently: keep the first answer
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return
+        future.set_exception(exc)
