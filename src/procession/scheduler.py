@@ -394,7 +394,9 @@ class MapRun:
         }
         for position, failure in errors.items():
             if isinstance(failure, SerializationError) and failure.index is None:
+                # The worker knew the position only within its chunk.
                 failure.index = chunk.start + position
+                failure.args = (f"{failure} (input item {failure.index})", *failure.args[1:])
         return Outcome(chunk, values, errors)
 
     @staticmethod
