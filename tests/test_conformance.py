@@ -104,3 +104,19 @@ def test_guide_backend_passes_the_suite_and_a_faulty_one_fails(tmp_path: Path) -
     assert {reason for _, reason in skips} == {
         "the backend does not declare isolated workers with crash_detection"
     }
+    # --procession-backend (procession's pytest11 plugin) retargets every subclass:
+    # the forgetful class now tests the built-in threads backend, and passes.
+    retargeted = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *("test_forgetful.py", "-k", "initializer", "--procession-backend=threads"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert retargeted.returncode == 0, retargeted.stdout[-3000:]
+    assert "1 passed" in retargeted.stdout
