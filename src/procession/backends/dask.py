@@ -54,6 +54,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -80,6 +81,7 @@ TOPIC_PREFIX = "procession-started-"
 MAX_UNSTARTED_RESUBMITS = 3
 CLOSE_TIMEOUT_SECONDS = 5.0
 KILL_CLOSE_TIMEOUT_SECONDS = 2.0
+EXITCODE_WAIT_SECONDS = 1.0
 
 
 # -- the worker side (runs in dask worker processes) -------------------------------
@@ -161,6 +163,31 @@ class _Attempt:
     dask_future: Any = None
 
 
+PROCESS_CAPABILITIES = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
+# Workers that are threads of the caller's own process (``LocalCluster(processes=False)``):
+# nothing can be killed, and a crash would be the caller's.
+IN_PROCESS_CAPABILITIES = Capabilities(
+    isolated=False, kill=False, crash_detection=False, remote=True
+)
+
+
+class _CapabilitiesDescriptor:
+    """``DaskBackend.capabilities``: the class promises what the embedded cluster does;
+    an instance on an existing cluster answers for that cluster (connecting if needed).
+
+    A task is killed by killing its worker process: through the nanny, which starts
+    a fresh one (embedded cluster, and ``dask worker``'s default), or, without a
+    nanny, by making that worker exit.  Only workers running as threads of this very
+    process cannot be killed, so a cluster with such workers declares no ``kill``
+    and ``timeout=`` is refused up front.
+    """
+
+    def __get__(self, instance: DaskBackend | None, owner: type) -> Capabilities:
+        if instance is None or instance.embedded:
+            return PROCESS_CAPABILITIES
+        return instance._cluster_capabilities()
+
+
 class DaskBackend(Backend):
     """Runs tasks on a Dask distributed cluster (embedded ``LocalCluster`` by default).
 
@@ -180,9 +207,9 @@ class DaskBackend(Backend):
     """
 
     name: ClassVar[str] = "dask"
-    # Kill works through the worker's nanny (always there in the embedded cluster
-    # and with the ``dask worker`` command's default).
-    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
+    # On the class (what available_backends() reports): the embedded cluster's.
+    # On an instance: what its cluster can really do (see _Capabilities).
+    capabilities = _CapabilitiesDescriptor()
     default_serializer: ClassVar[str] = "cloudpickle"
 
     def __init__(
@@ -219,6 +246,8 @@ class DaskBackend(Backend):
         self._tags = itertools.count()
         self._attempts: dict[int, _Attempt] = {}  # tag -> attempt in flight
         self._by_future: dict[TaskFuture, _Attempt] = {}
+        # Embedded cluster: worker pid -> its process handle (for exit codes after a crash).
+        self._processes: dict[int, Any] = {}
 
     # -- options -----------------------------------------------------------------
 
@@ -241,6 +270,14 @@ class DaskBackend(Backend):
     def workers(self, value: int) -> None:
         self._workers = value
 
+    def _cluster_capabilities(self) -> Capabilities:
+        self.start()
+        with self._lock:
+            client = self._client
+        if client is None:
+            return PROCESS_CAPABILITIES
+        return IN_PROCESS_CAPABILITIES if _has_in_process_workers(client) else PROCESS_CAPABILITIES
+
     @property
     def embedded(self) -> bool:
         """True when this backend starts (and stops) its own LocalCluster."""
@@ -262,7 +299,11 @@ class DaskBackend(Backend):
 
     @classmethod
     def check_available(cls) -> None:
-        if importlib.util.find_spec("distributed") is None:
+        try:
+            spec = importlib.util.find_spec("distributed")
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
             raise BackendUnavailableError(
                 f"the 'dask' backend needs the 'distributed' package, which is not "
                 f"installed; fix: {INSTALL_HINT}"
@@ -445,6 +486,11 @@ class DaskBackend(Backend):
         attempt.started = True
         attempt.address = address
         attempt.pid = pid
+        cluster = self._cluster
+        if cluster is not None and pid not in self._processes:
+            process = _cluster_processes(cluster).get(pid)
+            if process is not None:
+                self._processes[pid] = process
         future = attempt.future
         # A started task is running: cancel() now fails, as with concurrent.futures.
         if future.set_running_or_notify_cancel():
@@ -505,10 +551,32 @@ class DaskBackend(Backend):
                 f" (the task was resubmitted {attempt.resubmits} times without "
                 f"reporting a start: its workers died before it could run)"
             )
-        crash = WorkerCrashedError(f"the dask {where} died while running a task; {detail}")
+        exitcode = self._exitcode(attempt.pid) if attempt.started else None
+        if exitcode is not None:
+            where += f" ({_describe_exit(exitcode)})"
+        crash = WorkerCrashedError(
+            f"the dask {where} died while running a task; {detail}", exitcode=exitcode
+        )
         if error is not None:
             crash.__cause__ = error
         return crash
+
+    def _exitcode(self, pid: int | None) -> int | None:
+        """The exit code of one of our LocalCluster's worker processes, once it is known."""
+        process = self._processes.get(pid) if pid is not None else None
+        if process is None:
+            return None
+        # Dask notices the closed connection about when the watcher thread reaps
+        # the process; give the exit code a moment to arrive.
+        deadline = time.monotonic() + EXITCODE_WAIT_SECONDS
+        while True:
+            exitcode = getattr(process, "exitcode", None)
+            if exitcode is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        with self._lock:
+            self._processes.pop(pid, None)  # type: ignore[arg-type]
+        return exitcode if isinstance(exitcode, int) else None
 
     def _transport_error(self, attempt: _Attempt, exc: BaseException) -> BaseException:
         if _is_worker_loss(exc):
@@ -573,6 +641,8 @@ class DaskBackend(Backend):
     def _kill_remote(client: Client, attempt: _Attempt) -> None:
         """Kill the process behind a late task on another machine, through its nanny."""
         assert attempt.address is not None and attempt.pid is not None
+        if attempt.pid == os.getpid() or _has_in_process_workers(client):
+            return  # never kill the caller; such clusters declare no kill capability
         try:
             client.run(_kill_pid, attempt.pid, workers=[attempt.address], nanny=True)
         except Exception:
@@ -590,13 +660,44 @@ class DaskBackend(Backend):
         return f"<{type(self).__name__} {self.name!r} {where}>"
 
 
-def _cluster_pids(cluster: LocalCluster) -> set[int]:
-    pids: set[int] = set()
+def _cluster_processes(cluster: LocalCluster) -> dict[int, Any]:
+    """pid -> process handle of each live worker process of a LocalCluster.
+
+    Read from the nannies' process objects without polling them (polling would
+    reap a dead worker before Dask's own watcher can read its exit code).
+    """
+    found: dict[int, Any] = {}
     for nanny in list(getattr(cluster, "workers", {}).values()):
-        pid = getattr(nanny, "pid", None)
-        if isinstance(pid, int):
-            pids.add(pid)
-    return pids
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        pid = getattr(process, "pid", None)
+        if isinstance(pid, int) and getattr(process, "exitcode", None) is None:
+            found[pid] = process
+    return found
+
+
+def _cluster_pids(cluster: LocalCluster) -> set[int]:
+    return set(_cluster_processes(cluster))
+
+
+def _has_in_process_workers(client: Any) -> bool:
+    """Does any worker of ``client``'s cluster run as a thread of this process?"""
+    try:
+        import distributed
+
+        workers = client.scheduler_info().get("workers", {})
+        local = {w.address for w in list(getattr(distributed.Worker, "_instances", ()))}
+    except Exception:
+        return False
+    return any(address.startswith("inproc://") or address in local for address in workers)
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def _is_worker_loss(exc: BaseException) -> bool:
