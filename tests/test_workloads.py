@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import string
 from array import array
 
@@ -143,7 +144,7 @@ def test_sieve_base_primes_built_once_per_worker() -> None:
 
 def test_generate_words_is_a_generator_of_lowercase_words() -> None:
     words = generate_words(10, 6, seed=3)
-    assert iter(words) is words
+    assert inspect.isgenerator(words)
     listed = list(words)
     assert len(listed) == 10
     assert all(len(w) == 6 and set(w) <= set(string.ascii_lowercase) for w in listed)
@@ -167,6 +168,13 @@ def test_word_i_depends_only_on_seed_and_i(
     assert WordSource(length, seed).words(start, stop) == words[start:stop]
     # a longer run starts with the same words
     assert list(generate_words(count + 7, length, seed=seed))[:count] == words
+
+
+def test_generate_words_checks_its_arguments_at_the_call() -> None:
+    with pytest.raises(ValueError, match="count"):
+        generate_words(-1, 3, seed=1)
+    with pytest.raises(TypeError, match="seed"):
+        generate_words(3, 3, seed="x")  # type: ignore[arg-type]
 
 
 def test_different_seeds_give_different_words() -> None:

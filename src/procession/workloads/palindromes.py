@@ -126,7 +126,7 @@ class WordSource:
 
 
 def generate_words(count: int, length: int, seed: int | None = None) -> Iterator[str]:
-    """Yield ``count`` random lowercase words of ``length`` letters.
+    """A generator of ``count`` random lowercase words of ``length`` letters.
 
     The same seed gives the same words, and word ``i`` depends only on the seed
     and ``i`` (so any slice can be regenerated on its own).
@@ -136,8 +136,13 @@ def generate_words(count: int, length: int, seed: int | None = None) -> Iterator
         >>> list(generate_words(3, 4, seed=7)) == list(generate_words(3, 4, seed=7))
         True
     """
+    # Checked here, at the call, not at the first next(): the generator itself
+    # is the inner function.
     source = WordSource(length, _check_seed(seed))
-    _check_count("count", count)
+    return _words(source, _check_count("count", count))
+
+
+def _words(source: WordSource, count: int) -> Iterator[str]:
     for start in range(0, count, BLOCK):
         yield from source.words(start, min(start + BLOCK, count))
 
