@@ -40,8 +40,10 @@ from procession.errors import (
     WorkerCrashedError,
 )
 
-# The built-in backends that promise kill + crash detection (third-party
-# plug-ins such as Ray have their own suites: they run on other machines).
+# The built-in local process pools that promise kill + crash detection.  Remote
+# backends (dask, ray) are left out: their workers are not this process's
+# children, so parent death, Ctrl-C and process-group checks mean something else
+# there, and their own suites cover their faults.
 FAULT_BACKENDS = sorted(
     name
     for name, info in procession.available_backends().items()
@@ -50,6 +52,7 @@ FAULT_BACKENDS = sorted(
     and info.capabilities is not None
     and info.capabilities.kill
     and info.capabilities.crash_detection
+    and not info.capabilities.remote
 )
 
 WORKERS = 2

@@ -143,6 +143,7 @@ class _Record:
     task_id: int = 0
     generation: _Generation | None = None
     handled: bool = False
+    pid: int | None = None  # the worker running it, once its start line was seen
 
 
 _live_pools: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
@@ -217,6 +218,8 @@ class LokyBackend(Backend):
         self._retired: list[Any] = []  # broken or killed executors to join
         self._dispatcher: threading.Thread | None = None
         self._start_log = ""
+        self._log_offset = 0
+        self._by_id: dict[int, _Record] = {}  # in flight, by task id
         self._closing = False
         self._stopped = False
         self._killed = False
@@ -314,6 +317,14 @@ class LokyBackend(Backend):
             ),
         )
 
+    def _finish(self, record: _Record) -> None:
+        """``record`` leaves the in-flight set (lock held)."""
+        record.handled = True
+        self._in_flight -= 1
+        self._by_id.pop(record.task_id, None)
+        if record.generation is not None:
+            record.generation.records.discard(record)
+
     def _all_in_flight(self) -> list[_Record]:
         generation = self._generation
         return list(generation.records) if generation is not None else []
@@ -325,9 +336,10 @@ class LokyBackend(Backend):
         for record in sorted(generation.records, key=lambda r: r.task_id, reverse=True):
             if record.handled:
                 continue
-            record.handled = True
-            self._in_flight -= 1
+            self._finish(record)
             if record is not keep:
+                # It starts over: so does its ``timeout=`` clock.
+                record.future.started_at = None
                 self._queue.appendleft(_Record(record.future, record.task))
         generation.records.clear()
         if self._generation is generation:
@@ -344,7 +356,11 @@ class LokyBackend(Backend):
                     while not self._stopped and not self._has_work():
                         if self._closing and self._in_flight == 0 and not self._queue:
                             break
-                        self._wakeup.wait()
+                        # While a task is handed over but not yet started, watch
+                        # the start log: ``timeout=`` counts from the real start.
+                        waiting = any(r.pid is None for r in self._by_id.values())
+                        self._wakeup.wait(0.02 if waiting else None)
+                        self._scan_start_log()
                     if self._stopped or (
                         self._closing and self._in_flight == 0 and not self._queue
                     ):
@@ -373,10 +389,11 @@ class LokyBackend(Backend):
                 if self._stopped or self._broken is not None:
                     return
                 if not self._queue or self._in_flight >= self.workers:
-                    if self._in_flight == 0 and not self._queue:
+                    if self._in_flight == 0 and not self._queue and self._log_offset:
                         # Nothing can be writing the start log: keep it small.
                         with contextlib.suppress(OSError):
                             os.truncate(self._start_log, 0)
+                            self._log_offset = 0
                     return
                 record = self._queue.popleft()
                 if not (record.future.running() or record.future.set_running_or_notify_cancel()):
@@ -394,6 +411,7 @@ class LokyBackend(Backend):
                 record.task_id = self._task_ids
                 record.generation = generation
                 generation.records.add(record)
+                self._by_id[record.task_id] = record
                 self._in_flight += 1
             try:
                 loky_future = generation.executor.submit(
@@ -405,7 +423,6 @@ class LokyBackend(Backend):
                     if not generation.retired:
                         self._requeue_generation(generation)
                 continue
-            record.future.mark_started(None)
             loky_future.add_done_callback(lambda done, r=record: self._on_done(r, done))
         self._fail_all(error)  # loky could not start an executor
 
@@ -423,9 +440,7 @@ class LokyBackend(Backend):
             if isinstance(error, BrokenProcessPool) and not generation.retired:
                 crashed = self._classify_break(generation, error)
             elif not generation.retired:
-                record.handled = True
-                generation.records.discard(record)
-                self._in_flight -= 1
+                self._finish(record)
                 self._wakeup.notify()
                 outcome = (None, error) if error is not None else (done.result(), None)
         for victim, crash in crashed:
@@ -448,18 +463,16 @@ class LokyBackend(Backend):
         Runs before loky kills the surviving workers, so the pids that are gone
         now are the ones that crashed.
         """
-        pids = self._read_start_log()
+        self._scan_start_log()
         unfinished = [r for r in generation.records if not r.handled]
-        started = [r for r in unfinished if r.task_id in pids]
-        dead = [r for r in started if _pid_is_dead(pids[r.task_id])]
+        started = [r for r in unfinished if r.pid is not None]
+        dead = [r for r in started if _pid_is_dead(r.pid)]  # type: ignore[arg-type]
         culprits = dead or started
         exitcode = _exitcode_from(error)
         crashed = []
         for record in culprits:
-            record.handled = True
-            generation.records.discard(record)
-            self._in_flight -= 1
-            pid = pids.get(record.task_id)
+            self._finish(record)
+            pid = record.pid
             what = (
                 describe_exit(pid, exitcode)
                 if exitcode is not None
@@ -471,14 +484,24 @@ class LokyBackend(Backend):
         self._requeue_generation(generation)
         return crashed
 
-    def _read_start_log(self) -> dict[int, int]:
-        pids: dict[int, int] = {}
-        with contextlib.suppress(OSError), open(self._start_log, "rb") as log:
-            for line in log:
-                parts = line.split()
-                if len(parts) == 2:
-                    pids[int(parts[0])] = int(parts[1])
-        return pids
+    def _scan_start_log(self) -> None:
+        """Read the start lines written since the last scan; mark those tasks started
+        (lock held).  A line is written before its task runs, so a scan made after a
+        crash sees the crashed task's line."""
+        try:
+            with open(self._start_log, "rb") as log:
+                log.seek(self._log_offset)
+                data = log.read()
+        except OSError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self._log_offset += len(complete)
+        for line in complete.splitlines():
+            task_id, _, pid = line.partition(b" ")
+            record = self._by_id.get(int(task_id))
+            if record is not None and record.pid is None:
+                record.pid = int(pid)
+                record.future.mark_started(record.pid)
 
     def _break_on_init(self, payload: bytes) -> WorkerCrashedError:
         type_name, text, tb_text = pickle.loads(payload)
@@ -501,10 +524,9 @@ class LokyBackend(Backend):
             self._queue.clear()
             generation = self._generation
             if generation is not None:
-                for record in generation.records:
+                for record in list(generation.records):
                     if not record.handled:
-                        record.handled = True
-                        self._in_flight -= 1
+                        self._finish(record)
                         records.append(record)
                 generation.records.clear()
         for record in records:

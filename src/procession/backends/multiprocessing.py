@@ -394,7 +394,9 @@ class MultiprocessingBackend(Backend):
     def _assign(self) -> None:
         """Hand queued tasks to idle workers (lock held)."""
         for w in self._workers:
-            while self._queue and w.task is None and not (w.retiring or w.killed):
+            # Only a ready worker gets a task: ``timeout=`` counts from here, and a
+            # worker still importing must not eat into it.
+            while self._queue and w.ready and w.task is None and not (w.retiring or w.killed):
                 future, task = self._queue.popleft()
                 if not future.set_running_or_notify_cancel():
                     continue  # cancelled while queued
