@@ -7,9 +7,9 @@ executor joblib shares) and adds the guarantees loky lacks:
 
     caller threads        dispatcher thread                  loky executor (generation N)
     ──────────────        ─────────────────                  ────────────────────────────
-    submit(task) ─► queue ─► at most ``workers`` in flight ─► _run_task(task_id, log, task)
-                             (so a task handed over starts         │ appends "task_id pid"
-                             at once: ``timeout=`` is fair)        ▼ to the start log
+    submit(task) ─► queue ─► at most 2 x workers in flight ──► _run_task(task_id, log, task)
+                             (start log read: ``timeout=``         │ appends "task_id pid"
+                             counts from the real start)           ▼ to the start log
     TaskFuture ◄─ done-callback ◄──────────────────────────── result bytes
                   TerminatedWorkerError: the executor is broken ─► classify, requeue, new executor
 
@@ -25,10 +25,11 @@ marks the whole executor broken, fails every pending future with
   task that had started is failed as crashed (so a poisonous item can never
   loop forever).
 - **Bystanders are re-run.**  Every other task that was in flight on the broken
-  executor (at most ``workers - 1`` of them) is put back at the head of the queue
-  and runs again, from the start, on a fresh executor: none is lost, none is
-  reported twice, but one that was already running executes a second time,
-  so its side effects may happen twice.  Use the ``process`` or
+  executor is put back at the head of the queue, in order, and sent to a fresh
+  executor: none is lost and none is reported twice.  Those still waiting in
+  loky's queue simply run later; but the ones that were already running on
+  another worker (at most ``workers - 1``) execute a second time from the
+  start, so their side effects may happen twice.  Use the ``process`` or
   ``multiprocessing`` backends when that matters; they lose only the dead
   worker's task.
 - **kill_task** (``timeout=``) kills the whole executor the same way (loky offers
@@ -208,6 +209,9 @@ class LokyBackend(Backend):
                 f"start_method={method!r} is not a loky context; choose one of {', '.join(methods)}"
             )
         self.start_method = method
+        # One task running and one waiting per worker: no worker idles while a
+        # result travels back, and ``timeout=`` still counts from the real start.
+        self._max_in_flight = 2 * self.workers
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[_Record] = deque()
@@ -379,7 +383,7 @@ class LokyBackend(Backend):
 
     def _has_work(self) -> bool:
         return bool(self._retired) or bool(
-            self._queue and self._in_flight < self.workers and self._broken is None
+            self._queue and self._in_flight < self._max_in_flight and self._broken is None
         )
 
     def _feed(self) -> None:
@@ -388,7 +392,7 @@ class LokyBackend(Backend):
             with self._lock:
                 if self._stopped or self._broken is not None:
                     return
-                if not self._queue or self._in_flight >= self.workers:
+                if not self._queue or self._in_flight >= self._max_in_flight:
                     if self._in_flight == 0 and not self._queue and self._log_offset:
                         # Nothing can be writing the start log: keep it small.
                         with contextlib.suppress(OSError):
