@@ -163,6 +163,8 @@ class _Attempt:
     dask_future: Any = None
 
 
+# Options of procession's process pools that have no Dask equivalent.
+_PROCESS_POOL_OPTIONS = frozenset({"start_method", "max_tasks_per_worker"})
 PROCESS_CAPABILITIES = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
 # Workers that are threads of the caller's own process (``LocalCluster(processes=False)``):
 # nothing can be killed, and a crash would be the caller's.
@@ -223,6 +225,14 @@ class DaskBackend(Backend):
         **cluster_options: Any,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
+        unsupported = sorted(set(cluster_options) & _PROCESS_POOL_OPTIONS)
+        if unsupported:
+            # TypeError: Executor turns it into "backend 'dask' does not accept these options".
+            raise TypeError(
+                f"the dask backend does not support {', '.join(unsupported)}: Dask starts "
+                f"its worker processes itself (with the 'spawn' method) and never recycles "
+                f"them after a number of tasks"
+            )
         if address is not None and client is not None:
             raise ValueError("give address= or client=, not both")
         if address is not None and not isinstance(address, str):
