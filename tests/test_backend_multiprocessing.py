@@ -175,3 +175,38 @@ def _decode(result: bytes) -> object:
     _version, values, failures, _seconds = pickle.loads(result)
     assert not failures
     return pickle.loads(values)[0]
+
+
+def shout(x: int) -> int:
+    import logging
+    import sys
+
+    print(f"out {x}")
+    print(f"err {x}", file=sys.stderr)
+    logging.getLogger("procession.tests.worker").warning("log %d", x)
+    try:
+        raise KeyError(x)
+    except KeyError:
+        logging.getLogger("procession.tests.worker").exception("failed %d", x)
+    return x
+
+
+@pytest.mark.timeout(30)
+def test_worker_output_reaches_the_parent(
+    backend: MultiprocessingBackend,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="procession.tests.worker")
+    assert list(procession.map(shout, [1, 2], backend=backend, chunksize=1)) == [1, 2]
+    captured = capsys.readouterr()
+    assert sorted(line for line in captured.out.splitlines() if line.startswith("out")) == [
+        "out 1",
+        "out 2",
+    ]
+    assert "err 1" in captured.err and "err 2" in captured.err
+    messages = [r.getMessage() for r in caplog.records]
+    assert "log 1" in messages and "failed 2" in messages
+    assert all(r.procession_worker in backend.worker_pids() for r in caplog.records)  # type: ignore[attr-defined]
+    failed = next(r for r in caplog.records if r.getMessage() == "failed 1")
+    assert "KeyError: 1" in (failed.exc_text or "")

@@ -39,6 +39,8 @@ Guarantees:
   kills the pool.
 - An initializer that raises is reported once, with its traceback, on the
   first task; the pool then refuses work instead of respawning forever.
+- Output is not lost: a worker's stdout/stderr lines and ``logging`` records
+  travel over its pipe to the parent's streams and loggers (``forward_output``).
 
 The default start method is ``forkserver`` where it exists (the standard
 library's default from Python 3.14: safe while the parent runs threads, which
@@ -51,6 +53,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -61,6 +65,7 @@ import threading
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar
@@ -73,6 +78,7 @@ __all__ = ["MultiprocessingBackend", "describe_exit"]
 
 # Worker -> parent messages start with one of these bytes.
 RESULT, READY, INIT_FAILED = b"R", b"S", b"I"
+STDOUT, STDERR, LOG = b"O", b"E", b"L"
 # Parent -> worker: an empty message asks the worker to exit.
 QUIT = b""
 
@@ -137,20 +143,86 @@ def watch_parent(lifeline: Connection | None = None) -> None:
     ).start()
 
 
-def _worker_main(conn: Connection, lifeline: Connection, setup: bytes | None) -> None:
+class _LineForwarder(io.TextIOBase):
+    """A worker's ``sys.stdout``/``sys.stderr``: complete lines go to the parent."""
+
+    def __init__(self, send: Callable[[bytes], None], kind: bytes) -> None:
+        self._send = send
+        self._kind = kind
+        self._pending = ""
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            self._send(self._kind + (lines + "\n").encode("utf-8", "replace"))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            self._send(self._kind + text.encode("utf-8", "replace"))
+
+
+_FORMATTER = logging.Formatter()
+
+
+class _LogForwarder(logging.Handler):
+    """Hands every record to the parent, whose own handlers then see it."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            state = dict(record.__dict__)
+            state["msg"], state["args"] = record.getMessage(), None
+            if record.exc_info:
+                state["exc_text"] = _FORMATTER.formatException(record.exc_info)
+            state["exc_info"] = None
+            self._send(LOG + pickle.dumps(state, 5))
+        except Exception:
+            self.handleError(record)
+
+
+def _worker_main(
+    conn: Connection, lifeline: Connection, setup: bytes | None, log_level: int | None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     watch_parent(lifeline)
+    lock = threading.Lock()  # a task's own threads may print too
+
+    def send(message: bytes) -> None:
+        with lock:
+            conn.send_bytes(message)
+
+    streams: list[_LineForwarder] = []
+    if log_level is not None:  # forward output
+        sys.stdout = _LineForwarder(send, STDOUT)
+        sys.stderr = _LineForwarder(send, STDERR)
+        streams = [sys.stdout, sys.stderr]
+        root = logging.getLogger()
+        root.handlers[:] = [_LogForwarder(send)]
+        root.setLevel(log_level)
     try:
         runtime.initialize_worker(setup)
     except BaseException as exc:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         with contextlib.suppress(Exception):
-            conn.send_bytes(INIT_FAILED + pickle.dumps((name, str(exc), text), 5))
+            send(INIT_FAILED + pickle.dumps((name, str(exc), text), 5))
         return
-    conn.send_bytes(READY)
-    recv, send, run = conn.recv_bytes, conn.send_bytes, runtime.run_task
+    send(READY)
+    recv, run = conn.recv_bytes, runtime.run_task
     while True:
         try:
             task = recv()
@@ -158,7 +230,10 @@ def _worker_main(conn: Connection, lifeline: Connection, setup: bytes | None) ->
             return
         if task == QUIT:
             return
-        send(RESULT + run(task))
+        result = run(task)
+        for stream in streams:
+            stream.flush()  # a task's last printed line arrives before its result
+        send(RESULT + result)
 
 
 # -- the parent side ----------------------------------------------------------------
@@ -196,7 +271,10 @@ class MultiprocessingBackend(Backend):
 
     Options: ``workers``, ``worker_setup`` (initializer bytes), ``start_method``
     (``"forkserver"``, ``"spawn"`` or ``"fork"``; default forkserver where it
-    exists), ``max_tasks_per_worker`` (replace a worker after that many tasks).
+    exists), ``max_tasks_per_worker`` (replace a worker after that many tasks),
+    ``forward_output`` (default True: workers' ``print``/stdout/stderr lines go to
+    the parent's current streams and their ``logging`` records to the parent's
+    loggers, tagged ``procession_worker`` with the worker pid).
 
     Example::
 
@@ -218,6 +296,7 @@ class MultiprocessingBackend(Backend):
         worker_setup: bytes | None = None,
         start_method: str | None = None,
         max_tasks_per_worker: int | None = None,
+        forward_output: bool = True,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
         methods = multiprocessing.get_all_start_methods()
@@ -236,6 +315,7 @@ class MultiprocessingBackend(Backend):
             )
         self.start_method = method
         self.max_tasks_per_worker = max_tasks_per_worker
+        self.forward_output = forward_output
         self._context: Any = multiprocessing.get_context(method)
         self._lock = threading.RLock()
         self._workers: list[_Worker] = []
@@ -280,7 +360,12 @@ class MultiprocessingBackend(Backend):
         lifeline_r, lifeline_w = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, lifeline_r, self.worker_setup),
+            args=(
+                child_conn,
+                lifeline_r,
+                self.worker_setup,
+                logging.getLogger().getEffectiveLevel() if self.forward_output else None,
+            ),
             name="procession-multiprocessing-worker",
             daemon=False,  # a daemonic process may not start children of its own
         )
@@ -429,6 +514,18 @@ class MultiprocessingBackend(Backend):
                 self._assign()
             if future is not None:
                 _settle(future, result=payload)
+        elif kind in (STDOUT, STDERR):
+            stream = sys.stdout if kind == STDOUT else sys.stderr
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.write(payload.decode("utf-8", "replace"))
+                    stream.flush()
+        elif kind == LOG:
+            record = logging.makeLogRecord(pickle.loads(payload))
+            record.procession_worker = w.pid
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
         elif kind == READY:
             w.ready = True
             self._startup_failures = 0
