@@ -200,6 +200,28 @@ def test_worker_killed_while_idle(fault_backend: str) -> None:
     assert victim not in pids
 
 
+@pytest.mark.timeout(40)
+def test_abandoned_iterator_stops_reading_and_cancels(fault_backend: str) -> None:
+    assert_usable(fault_backend)
+    read = []
+
+    def endless() -> Iterator[tuple[str, float, int]]:
+        n = 0
+        while True:
+            read.append(n)
+            yield ("sleep", 0.05, n)
+            n += 1
+
+    results = procession.map(act, endless(), backend=fault_backend, workers=WORKERS, chunksize=1)
+    assert [next(results), next(results)] == [0, 1]
+    results.close()
+    consumed = len(read)
+    assert consumed < 50  # only a bounded window was ever read
+    time.sleep(0.3)
+    assert len(read) == consumed  # and reading stopped with the consumer
+    assert_usable(fault_backend)
+
+
 # -- errors that must not break anything ---------------------------------------------
 
 
@@ -406,14 +428,16 @@ def test_ctrl_c_stops_the_map(fault_backend: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_parent_sigkill_leaves_no_worker(fault_backend: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_parent_killed_leaves_no_worker(fault_backend: str, how: int, tmp_path: Path) -> None:
     proc = _start_script(tmp_path, HANG_THEN_DIE_SCRIPT, fault_backend)
     try:
         workers = [int(pid) for pid in _first_line(proc).split()]
         assert len(workers) == 2
         assert not any(gone(pid) for pid in workers)
-        proc.kill()
+        proc.send_signal(how)  # Python has no SIGTERM handler: no clean-up code runs
         proc.wait(10)
+        assert proc.returncode == -how
         assert wait_until(lambda: all(gone(pid) for pid in workers), 5), [
             pid for pid in workers if not gone(pid)
         ]
