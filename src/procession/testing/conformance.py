@@ -265,7 +265,9 @@ class CoreConformance(_Base):
             assert pids <= live, f"worker_pids() {sorted(live)} misses workers {sorted(pids)}"
 
     def test_executor_submit_map_shutdown(self, conformance_backend: BackendSpec) -> None:
-        executor = procession.Executor(backend=conformance_backend)
+        # On the warm instance: new workers per test would only cost start-up time
+        # (initializer= and kill_workers() below do need their own).
+        executor = procession.Executor(backend=resolve_instance(conformance_backend))
         with executor:
             assert executor.submit(pow, 2, 10).result(timeout=TEST_TIMEOUT) == 1024
             assert executor.submit(_tasks.add, 2, y=3).result(timeout=TEST_TIMEOUT) == 5
@@ -279,6 +281,8 @@ class CoreConformance(_Base):
             ]
         with pytest.raises(RuntimeError):
             executor.submit(pow, 2, 2)
+        # The executor did not own the backend: shutting it down left the workers running.
+        assert list(procession.map(_tasks.square, [3], backend=conformance_backend)) == [9]
 
     def test_executor_initializer_runs_in_each_worker(
         self, conformance_backend: BackendSpec
