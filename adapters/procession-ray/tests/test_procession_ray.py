@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 import procession
-from procession.testing import BackendConformance
+from procession.testing import BackendConformance, _tasks
 from procession.testing._tasks import pid_of
 
 
@@ -72,3 +73,14 @@ def test_address_connects_to_a_running_cluster() -> None:
     lines = done.stdout.strip().splitlines()
     assert lines[-2] == str([x * x for x in range(6)])
     assert 1 <= int(lines[-1]) <= 2
+
+
+def test_shutdown_without_wait_lets_submitted_tasks_finish() -> None:
+    executor = procession.Executor(backend="ray", max_workers=1)
+    futures = [executor.submit(_tasks.sleep_on, i, bad=i, seconds=0.2) for i in range(3)]
+    executor.shutdown(wait=False)  # returns at once; the tasks still run
+    assert [future.result(timeout=60) for future in futures] == [0, 1, 2]
+    deadline = time.monotonic() + 30
+    while executor.backend.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not executor.backend.started

@@ -310,11 +310,17 @@ class RayBackend(procession.Backend):
         return pids | _descendants(daemons) if daemons else pids
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        if not wait and not kill:
+            # concurrent.futures semantics: return now, let submitted tasks finish.
+            threading.Thread(
+                target=self.shutdown, name="procession-ray-shutdown", daemon=True
+            ).start()
+            return
         with self._lock:
             dispatcher = self._dispatcher
             if dispatcher is None:
                 return
-            if wait and not kill:
+            if not kill:
                 done = Future[None]()
                 self._events.put(("drain", done))
                 done.result()
