@@ -532,8 +532,10 @@ def _plan(stage: _Stage, position: int, run_backend: str | Backend | None, order
         fn = _KeepIf(stage.fn)
     elif stage.kind == "flat_map":
         fn = _Expand(stage.fn)
-    # Fail at run(), in the caller, when the function cannot be sent.
+    # Fail at run(), in the caller, when the function cannot be sent or the
+    # backend cannot start; some backends (Ray) must also start in the main thread.
     encode_function(fn, serializer)
+    chosen.start()
     return _Plan(stage, where, _Tracked(chosen), fn, serializer, stage_ordered)
 
 

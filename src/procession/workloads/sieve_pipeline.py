@@ -27,7 +27,7 @@ from math import isqrt
 from procession.backends.base import Backend
 from procession.pipeline import Pipeline
 
-__all__ = ["check_ranges", "collect_primes", "sieve_range"]
+__all__ = ["check_ranges", "collect_primes", "range_messages", "sieve_range"]
 
 Message = tuple[int, int, "array[int]"]
 
@@ -81,8 +81,14 @@ def _small_primes(limit: int) -> array[int]:
     return array("q", compress(range(limit + 1), flags))
 
 
-def _messages(ranges: list[tuple[int, int]]) -> Iterator[Message]:
-    """The head of the chain: each range with the primes it needs to be sieved."""
+def range_messages(ranges: list[tuple[int, int]]) -> Iterator[Message]:
+    """The head of the chain: each range with the primes it needs to be sieved.
+
+    Example::
+
+        >>> [(f, l, list(base)) for f, l, base in range_messages([(0, 10), (10, 30)])]
+        [(0, 10, [2, 3]), (10, 30, [2, 3, 5])]
+    """
     known = array("q")
     known_limit = 1
     for first, last in ranges:
@@ -150,7 +156,7 @@ def collect_primes(
     checked = check_ranges(ranges)
     if not checked:
         return []
-    pipe = Pipeline(_messages(checked), maxsize=max(4, 2 * (workers or 1))).map(
+    pipe = Pipeline(range_messages(checked), maxsize=max(4, 2 * (workers or 1))).map(
         sieve_range, backend=backend, workers=workers
     )
     primes: list[int] = []
