@@ -105,3 +105,35 @@ def test_shutdown_then_submit_is_refused() -> None:
     assert pool.worker_pids() == set()
     with pytest.raises(RuntimeError, match="shut down"):
         list(procession.map(abs, [-1], backend=pool))
+
+
+def shout(x: int) -> int:
+    import logging
+    import sys
+
+    print(f"out {x}")
+    print(f"err {x}", file=sys.stderr)
+    logging.getLogger("procession.tests.loky").warning("log %d", x)
+    return x
+
+
+@pytest.mark.timeout(30)
+def test_worker_output_reaches_the_parent(
+    backend: LokyBackend,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="procession.tests.loky")
+    assert list(procession.map(shout, [1, 2], backend=backend, chunksize=1)) == [1, 2]
+    deadline = time.monotonic() + 5  # output travels beside the results, not with them
+    out = err = ""
+    while time.monotonic() < deadline and not (
+        "out 2" in out and "err 2" in err and len(caplog.records) >= 2
+    ):
+        captured = capsys.readouterr()
+        out, err = out + captured.out, err + captured.err
+        time.sleep(0.05)
+    assert "out 1" in out and "out 2" in out
+    assert "err 1" in err and "err 2" in err
+    assert sorted(r.getMessage() for r in caplog.records) == ["log 1", "log 2"]
+    assert all(r.procession_worker in backend.worker_pids() for r in caplog.records)  # type: ignore[attr-defined]

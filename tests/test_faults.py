@@ -312,6 +312,23 @@ def test_initializer_raising(fault_backend: str) -> None:
         ex.kill_workers()
 
 
+@pytest.mark.timeout(40)
+def test_initializer_that_kills_the_worker(fault_backend: str) -> None:
+    """Workers that die while starting: a clear error, and no endless respawning."""
+    ex = procession.Executor(backend=fault_backend, workers=1, initializer=os._exit, initargs=(3,))
+    try:
+        with pytest.raises(WorkerCrashedError, match="code 3"):
+            ex.submit(abs, -1).result(timeout=30)
+        time.sleep(0.5)
+        settled = _my_children()
+        time.sleep(1.0)
+        assert _my_children() <= settled
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(abs, -2).result(timeout=10)
+    finally:
+        ex.kill_workers()
+
+
 # -- stopping a pool that hangs --------------------------------------------------------
 
 

@@ -38,15 +38,23 @@ marks the whole executor broken, fails every pending future with
 - Workers ignore SIGINT and die with the parent (``PR_SET_PDEATHSIG`` on Linux
   plus a thread watching the parent pid); an initializer that raises is
   reported with its traceback on the first task, without respawning.
+- Output is not lost: each worker connects to a Unix socket of the parent and
+  sends its stdout/stderr lines and ``logging`` records there; a thread in the
+  parent hands them to the parent's current streams and loggers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import logging
 import os
 import pickle
 import re
+import selectors
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -59,14 +67,25 @@ from typing import Any, ClassVar
 
 from procession import worker as runtime
 from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.backends.multiprocessing import describe_exit, die_with_parent, watch_parent
+from procession.backends.multiprocessing import (
+    deliver_output,
+    describe_exit,
+    die_with_parent,
+    exit_reason,
+    install_forwarders,
+    watch_parent,
+)
 from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
 
 __all__ = ["LokyBackend"]
 
 INSTALL_HINT = "pip install 'procession[loky]'"
-RESULT, INIT_FAILED = b"R", b"I"
+RESULT, INIT_FAILED, HELLO = b"R", b"I", b"H"
+_FRAME = struct.Struct("!I")
 KILL_GRACE_SECONDS = 5.0
+# Executors that break this many times in a row before any task starts break the
+# pool (workers that cannot even start: loky would be respawned forever).
+MAX_STARTUP_BREAKS = 3
 
 # -- the worker side ----------------------------------------------------------------
 
@@ -74,18 +93,46 @@ _init_failure: bytes | None = None
 _log_fds: dict[str, int] = {}
 
 
-def _init_worker(setup: bytes | None) -> None:
+_streams: list[Any] = []
+
+
+def _init_worker(
+    setup: bytes | None, output_address: str | None = None, log_level: int = logging.WARNING
+) -> None:
     """loky's initializer: never raises (loky would respawn the worker forever)."""
     global _init_failure
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     watch_parent()
+    if output_address is not None:
+        try:
+            # loky enables faulthandler on sys.stderr after this initializer; do it
+            # now, while sys.stderr is still the real one with a file descriptor.
+            if not faulthandler.is_enabled():
+                faulthandler.enable()
+            _connect_output(output_address, log_level)
+        except (OSError, ValueError, AttributeError):
+            pass  # no forwarding: output goes to the inherited stdout/stderr
     try:
         runtime.initialize_worker(setup)
     except BaseException as exc:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         _init_failure = INIT_FAILED + pickle.dumps((name, str(exc), text), 5)
+
+
+def _connect_output(address: str, log_level: int) -> None:
+    """Send this worker's stdout/stderr lines and log records to the parent's socket."""
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel.connect(address)
+    lock = threading.Lock()
+
+    def send(message: bytes) -> None:
+        with lock, contextlib.suppress(OSError):  # the parent is gone: so are we, soon
+            channel.sendall(_FRAME.pack(len(message)) + message)
+
+    send(HELLO + str(os.getpid()).encode())
+    _streams[:] = install_forwarders(send, log_level)
 
 
 def _run_task(task_id: int, start_log: str, task: bytes) -> bytes:
@@ -97,7 +144,92 @@ def _run_task(task_id: int, start_log: str, task: bytes) -> bytes:
     os.write(fd, f"{task_id} {os.getpid()}\n".encode())
     if _init_failure is not None:
         return _init_failure
-    return RESULT + runtime.run_task(task)
+    result = runtime.run_task(task)
+    for stream in _streams:
+        stream.flush()
+    return RESULT + result
+
+
+class _OutputReceiver:
+    """In the parent: a Unix socket the workers connect to, and a thread that
+    hands their output lines and log records to our streams and loggers."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.mkdtemp(prefix="procession-loky-")
+        self.address = os.path.join(self._directory, "output")
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.address)
+        self._server.listen(64)
+        self._server.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._server, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._peers: dict[socket.socket, tuple[bytearray, list[int]]] = {}
+        self._thread = threading.Thread(
+            target=self._loop, name="procession-loky-output", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.fileobj == self._wake_r:
+                        return
+                    if key.fileobj is self._server:
+                        with contextlib.suppress(OSError):
+                            peer, _ = self._server.accept()
+                            peer.setblocking(True)
+                            self._peers[peer] = (bytearray(), [0])
+                            self._selector.register(peer, selectors.EVENT_READ)
+                    else:
+                        self._read(key.fileobj)  # type: ignore[arg-type]
+        finally:
+            for peer in list(self._peers):
+                self._drop(peer)
+            self._selector.close()
+            self._server.close()
+            os.close(self._wake_r)
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
+            with contextlib.suppress(OSError):
+                os.rmdir(self._directory)
+
+    def _read(self, peer: socket.socket) -> None:
+        try:
+            data = peer.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(peer)
+            return
+        buffer, pid = self._peers[peer]
+        buffer += data
+        while len(buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buffer)
+            if len(buffer) < _FRAME.size + size:
+                break
+            message = bytes(buffer[_FRAME.size : _FRAME.size + size])
+            del buffer[: _FRAME.size + size]
+            kind, payload = message[:1], message[1:]
+            if kind == HELLO:
+                pid[0] = int(payload)
+            else:
+                deliver_output(kind, payload, pid[0])
+
+    def _drop(self, peer: socket.socket) -> None:
+        self._peers.pop(peer, None)
+        with contextlib.suppress(Exception):
+            self._selector.unregister(peer)
+        peer.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not threading.current_thread():
+            self._thread.join(KILL_GRACE_SECONDS)
+        os.close(self._wake_w)
 
 
 # -- the parent side ----------------------------------------------------------------
@@ -118,6 +250,11 @@ def _pid_is_dead(pid: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def _exitcodes_text(error: BaseException) -> str:
+    _, _, tail = str(error).partition("exit codes of the workers are")
+    return f"died with exit codes {tail.split('}')[0].strip()}}}" if tail else "died"
 
 
 def _exitcode_from(error: BaseException) -> int | None:
@@ -181,7 +318,9 @@ class LokyBackend(Backend):
 
     Options: ``workers``, ``worker_setup`` (initializer bytes), ``start_method``
     (loky context name: ``"loky"`` (default), ``"loky_init_main"``, ``"spawn"``
-    or ``"forkserver"``).
+    or ``"forkserver"``), ``forward_output`` (default True: workers'
+    stdout/stderr lines and ``logging`` records reach the parent's streams and
+    loggers, tagged ``procession_worker`` with the worker pid).
 
     Example::
 
@@ -200,6 +339,7 @@ class LokyBackend(Backend):
         workers: int | None = None,
         worker_setup: bytes | None = None,
         start_method: str | None = None,
+        forward_output: bool = True,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
         methods = ("loky", "loky_init_main", "spawn", "forkserver")
@@ -209,6 +349,8 @@ class LokyBackend(Backend):
                 f"start_method={method!r} is not a loky context; choose one of {', '.join(methods)}"
             )
         self.start_method = method
+        self.forward_output = forward_output
+        self._output: _OutputReceiver | None = None
         # One task running and one waiting per worker: no worker idles while a
         # result travels back, and ``timeout=`` still counts from the real start.
         self._max_in_flight = 2 * self.workers
@@ -228,6 +370,7 @@ class LokyBackend(Backend):
         self._stopped = False
         self._killed = False
         self._broken: BaseException | None = None
+        self._startup_breaks = 0
 
     @classmethod
     def check_available(cls) -> None:
@@ -254,6 +397,8 @@ class LokyBackend(Backend):
             self.check_available()
             fd, self._start_log = tempfile.mkstemp(prefix="procession-loky-", suffix=".log")
             os.close(fd)
+            if self.forward_output:
+                self._output = _OutputReceiver()
             # Every loky executor is created, and so every worker forked, by this
             # thread: PR_SET_PDEATHSIG fires when the forking *thread* ends.
             self._dispatcher = threading.Thread(
@@ -270,7 +415,11 @@ class LokyBackend(Backend):
             max_workers=self.workers,
             context=get_context(self.start_method),
             initializer=_init_worker,
-            initargs=(self.worker_setup,),
+            initargs=(
+                self.worker_setup,
+                None if self._output is None else self._output.address,
+                logging.getLogger().getEffectiveLevel(),
+            ),
         )
         self._generations += 1
         _register_exit_hook()
@@ -448,7 +597,9 @@ class LokyBackend(Backend):
                 self._wakeup.notify()
                 outcome = (None, error) if error is not None else (done.result(), None)
         for victim, crash in crashed:
-            _settle(victim.future, crash)
+            _settle(victim.future, self._broken or crash)
+        if self._broken is not None:
+            self._fail_all(self._broken)
         if outcome is None:
             return
         payload, error = outcome
@@ -472,6 +623,22 @@ class LokyBackend(Backend):
         started = [r for r in unfinished if r.pid is not None]
         dead = [r for r in started if _pid_is_dead(r.pid)]  # type: ignore[arg-type]
         culprits = dead or started
+        if started:
+            self._startup_breaks = 0
+        else:
+            self._startup_breaks += 1
+            if self._startup_breaks >= MAX_STARTUP_BREAKS:
+                code = _exitcode_from(error)
+                how = exit_reason(code) if code is not None else _exitcodes_text(error)
+                broken = WorkerCrashedError(
+                    f"loky's workers died {self._startup_breaks} times in a row before "
+                    f"running any task, the last time a worker {how}; the pool runs no "
+                    f"more tasks (a worker's own error is printed on stderr)",
+                    exitcode=code,
+                )
+                broken.__cause__ = error
+                self._broken = broken
+                culprits = unfinished
         exitcode = _exitcode_from(error)
         crashed = []
         for record in culprits:
@@ -550,6 +717,8 @@ class LokyBackend(Backend):
         self._join_executors(executors, kill=kill)
         with contextlib.suppress(OSError):
             os.unlink(self._start_log)
+        if self._output is not None:
+            self._output.close()
         _live_pools.discard(self)
 
     @staticmethod

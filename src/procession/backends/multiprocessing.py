@@ -95,17 +95,22 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def describe_exit(pid: int | None, exitcode: int | None) -> str:
-    """``"worker pid 123 was killed by SIGKILL (exit code -9)"`` and the like."""
+def exit_reason(exitcode: int | None) -> str:
+    """``"was killed by SIGKILL (exit code -9)"``, ``"exited with code 3"`` and the like."""
     if exitcode is None:
-        return f"worker pid {pid} stopped responding"
+        return "stopped responding"
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        return f"worker pid {pid} was killed by {name} (exit code {exitcode})"
-    return f"worker pid {pid} exited with code {exitcode}"
+        return f"was killed by {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
+
+
+def describe_exit(pid: int | None, exitcode: int | None) -> str:
+    """``"worker pid 123 was killed by SIGKILL (exit code -9)"`` and the like."""
+    return f"worker pid {pid} {exit_reason(exitcode)}"
 
 
 # -- the worker side ----------------------------------------------------------------
@@ -193,6 +198,32 @@ class _LogForwarder(logging.Handler):
             self.handleError(record)
 
 
+def install_forwarders(send: Callable[[bytes], None], log_level: int) -> list[_LineForwarder]:
+    """Route this worker's stdout, stderr and logging through ``send``."""
+    streams = [_LineForwarder(send, STDOUT), _LineForwarder(send, STDERR)]
+    sys.stdout, sys.stderr = streams
+    root = logging.getLogger()
+    root.handlers[:] = [_LogForwarder(send)]
+    root.setLevel(log_level)
+    return streams
+
+
+def deliver_output(kind: bytes, payload: bytes, pid: int) -> None:
+    """In the parent: hand a worker's output line or log record to our streams/loggers."""
+    if kind == LOG:
+        record = logging.makeLogRecord(pickle.loads(payload))
+        record.procession_worker = pid
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+        return
+    stream = sys.stdout if kind == STDOUT else sys.stderr
+    if stream is not None:
+        with contextlib.suppress(Exception):
+            stream.write(payload.decode("utf-8", "replace"))
+            stream.flush()
+
+
 def _worker_main(
     conn: Connection, lifeline: Connection, setup: bytes | None, log_level: int | None
 ) -> None:
@@ -205,14 +236,7 @@ def _worker_main(
         with lock:
             conn.send_bytes(message)
 
-    streams: list[_LineForwarder] = []
-    if log_level is not None:  # forward output
-        sys.stdout = _LineForwarder(send, STDOUT)
-        sys.stderr = _LineForwarder(send, STDERR)
-        streams = [sys.stdout, sys.stderr]
-        root = logging.getLogger()
-        root.handlers[:] = [_LogForwarder(send)]
-        root.setLevel(log_level)
+    streams = install_forwarders(send, log_level) if log_level is not None else []
     try:
         runtime.initialize_worker(setup)
     except BaseException as exc:
@@ -514,18 +538,8 @@ class MultiprocessingBackend(Backend):
                 self._assign()
             if future is not None:
                 _settle(future, result=payload)
-        elif kind in (STDOUT, STDERR):
-            stream = sys.stdout if kind == STDOUT else sys.stderr
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.write(payload.decode("utf-8", "replace"))
-                    stream.flush()
-        elif kind == LOG:
-            record = logging.makeLogRecord(pickle.loads(payload))
-            record.procession_worker = w.pid
-            logger = logging.getLogger(record.name)
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
+        elif kind in (STDOUT, STDERR, LOG):
+            deliver_output(kind, payload, w.pid)
         elif kind == READY:
             w.ready = True
             self._startup_failures = 0
@@ -572,15 +586,15 @@ class MultiprocessingBackend(Backend):
 
     def _break_on_startup(self, w: _Worker, exitcode: int | None) -> None:
         hint = (
-            f"; with start_method={self.start_method!r} each worker imports the main script, "
-            f"so a script must guard its code with 'if __name__ == \"__main__\":' (its error "
-            f"is printed on stderr above)"
+            f" (under start_method={self.start_method!r} every worker imports the main "
+            f"script: a script must keep its code under 'if __name__ == \"__main__\":'; "
+            f"a worker's own error is printed on stderr)"
             if self.start_method != "fork"
             else ""
         )
         error = WorkerCrashedError(
             f"{MAX_STARTUP_FAILURES} workers in a row died while starting, the last one "
-            f"{describe_exit(w.pid, exitcode).removeprefix('worker ')}{hint}; "
+            f"pid {w.pid} {exit_reason(exitcode)}{hint}; "
             f"the pool starts no more workers",
             exitcode=exitcode,
         )
