@@ -31,7 +31,12 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from procession.testing import conformance
-
+        try:
+            from procession.testing import conformance
+        except ImportError as exc:
+            raise ImportError(
+                f"procession.testing needs pytest and hypothesis ({exc}): "
+                f"pip install 'procession[testing]'"
+            ) from exc
         return getattr(conformance, name)
     raise AttributeError(f"module 'procession.testing' has no attribute {name!r}")

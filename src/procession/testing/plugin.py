@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["pytest_addoption"]
+__all__ = ["pytest_addoption", "pytest_configure"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,3 +26,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run procession.testing.BackendConformance subclasses against this "
         "registered backend instead of the one each names",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite bounds each test with pytest-timeout's marker; without that
+    # plugin, declare the marker so --strict-markers projects still run it.
+    if not config.pluginmanager.hasplugin("timeout"):
+        config.addinivalue_line(
+            "markers", "timeout(seconds): bound a test (effective with pytest-timeout)"
+        )
