@@ -93,15 +93,12 @@ def test_raise_stops_at_the_first_failure_in_input_order(
 ) -> None:
     seen: list[float] = []
     first_bad = next((i for i, x in enumerate(items) if x % 7 == 0), None)
-    try:
-        for value in procession.map(
-            checked_inverse, items, backend=backend_name, chunksize=chunksize
-        ):
-            seen.append(value)
-    except ZeroDivisionError as exc:
-        assert first_bad is not None
-        assert str(exc) == f"item {items[first_bad]}"
-        assert seen == [1 / x for x in items[:first_bad]]
-    else:
-        assert first_bad is None
+    results = procession.map(checked_inverse, items, backend=backend_name, chunksize=chunksize)
+    if first_bad is None:
+        seen.extend(results)
         assert seen == [1 / x for x in items]
+        return
+    with pytest.raises(ZeroDivisionError, match=f"^item {items[first_bad]}$"):
+        for value in results:
+            seen.append(value)
+    assert seen == [1 / x for x in items[:first_bad]]
