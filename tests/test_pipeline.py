@@ -400,7 +400,7 @@ def test_early_close_leaves_nothing_running(backend_name: str, how: str) -> None
 @pytest.mark.timeout(30)
 def test_close_stops_a_running_task(crash_backend_name: str) -> None:
     # A task that would run for a minute is killed when the run closes.
-    results = Pipeline(range(4)).map(sleep_forever, backend=crash_backend_name).run()
+    results = Pipeline(range(2)).map(sleep_forever, backend=crash_backend_name).run()
     time.sleep(0.2)
     results.close()
     wait_for_no_pipeline_threads()

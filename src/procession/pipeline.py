@@ -731,14 +731,15 @@ class _Runner:
         deadline = time.monotonic() + GRACE_SECONDS
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
-        if any(t.is_alive() for t in threads):
-            # Still waiting for running tasks: kill them where the backend can.
-            # On a backend that cannot (threads), the stage's thread ends when
-            # its task returns; it is a daemon and holds nothing else.
+        # Still waiting for running tasks: kill them where the backend can, again
+        # and again, since a backend may hand a killed worker's other tasks to a
+        # new worker.  On a backend that cannot kill (threads), the stage's
+        # thread ends when its task returns; it is a daemon and holds nothing else.
+        deadline = time.monotonic() + JOIN_SECONDS
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             self._kill_running()
-            deadline = time.monotonic() + JOIN_SECONDS
             for thread in threads:
-                thread.join(max(deadline - time.monotonic(), 0.0))
+                thread.join(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
     def _kill_running(self) -> None:
         for plan in self.plans:
