@@ -332,36 +332,66 @@ class RayBackend(procession.Backend):
     # -- the dispatcher thread: owns self._state -----------------------------
 
     def _dispatch_loop(self) -> None:
-        state = self._state
         drains: list[Future[None]] = []
         while True:
             event = self._events.get()
-            kind = event[0]
-            if kind == "submit":
-                state.queued.append((event[1], event[2]))
-            elif kind == "done":
-                self._finish(event[1], event[2], event[3])
-            elif kind == "ready":
-                slot, outcome = event[1], event[2]
-                if not slot.dead:
-                    try:
-                        slot.pid, slot.ready = outcome.result(), True
-                    except Exception:
-                        self._replace(slot)
-            elif kind == "kill":
-                self._kill(event[1])
-            elif kind == "drain":
-                drains.append(event[1])
-            elif kind == "stop":
-                self._stop_all()
-                for done in drains:
-                    done.set_result(None)
-                return
-            self._send_queued()
-            if drains and not state.queued and all(s.future is None for s in state.slots):
+            try:
+                if self._handle(event, drains):
+                    return
+            except Exception as exc:
+                # Ray itself failed (e.g. its session was shut down under us): no
+                # future may wait forever, so fail the work this backend holds.
+                self._fail_all(
+                    WorkerCrashedError(f"the ray backend failed: {type(exc).__name__}: {exc}")
+                )
+                if event[0] == "stop":
+                    return
+            if (
+                drains
+                and not self._state.queued
+                and all(slot.future is None for slot in self._state.slots)
+            ):
                 for done in drains:
                     done.set_result(None)
                 drains.clear()
+
+    def _handle(self, event: tuple[Any, ...], drains: list[Future[None]]) -> bool:
+        """Apply one event; True when the dispatcher must stop."""
+        kind = event[0]
+        if kind == "submit":
+            self._state.queued.append((event[1], event[2]))
+        elif kind == "done":
+            self._finish(event[1], event[2], event[3])
+        elif kind == "ready":
+            slot, outcome = event[1], event[2]
+            if not slot.dead:
+                try:
+                    slot.pid, slot.ready = outcome.result(), True
+                except Exception:
+                    self._replace(slot)
+        elif kind == "kill":
+            self._kill(event[1])
+        elif kind == "drain":
+            drains.append(event[1])
+        elif kind == "stop":
+            try:
+                self._stop_all()
+            finally:
+                for done in drains:
+                    done.set_result(None)
+            return True
+        self._send_queued()
+        return False
+
+    def _fail_all(self, error: BaseException) -> None:
+        state = self._state
+        while state.queued:
+            future, _ = state.queued.popleft()
+            _fail(future, error)
+        for slot in state.slots:
+            if slot.future is not None:
+                _fail(slot.future, error)
+                slot.future = None
 
     def _send_queued(self) -> None:
         state = self._state
@@ -437,10 +467,11 @@ class RayBackend(procession.Backend):
         slot.dead = True
         with contextlib.suppress(Exception):
             ray.kill(slot.actor, no_restart=True)
-        if self._closing:
-            return
+        slots = self._state.slots
+        if self._closing or slot not in slots:
+            return  # shutting down, or replaced already
         fresh = _Slot(self._new_actor())
-        self._state.slots[self._state.slots.index(slot)] = fresh
+        slots[slots.index(slot)] = fresh
         fresh.actor.ping.remote().future().add_done_callback(
             lambda outcome, fresh=fresh: self._events.put(("ready", fresh, outcome))
         )
