@@ -170,3 +170,37 @@ def test_pytest_plugin_adds_no_tests_or_fixtures_to_other_projects(tmp_path: Pat
     assert "procession" not in fixtures.stdout
     # It is loaded, though: its one option is there.
     assert "--procession-backend" in _pytest(tmp_path, "--help").stdout
+
+
+def test_broken_adapter_plugin_warns_naming_its_distribution(tmp_path: Path) -> None:
+    # A distribution known only by its metadata, as an installer leaves it: its
+    # adapter hook names a module that does not exist.
+    info = tmp_path / "procession_bad_adapters-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: procession-bad-adapters\nVersion: 0.1\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[procession.adapters]\nbad = procession_bad_adapters_missing:register\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "always::RuntimeWarning",
+            "-c",
+            "import procession\n"
+            "procession.check_picklable([1, 2])\n"
+            "print(list(procession.map(abs, [-5], backend='threads')))\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[5]"
+    assert "RuntimeWarning" in done.stderr
+    assert "procession-bad-adapters" in done.stderr
+    assert "'bad'" in done.stderr
