@@ -11,12 +11,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import procession
-from procession.testing import CoreConformance, CrashConformance
+from procession import Backend
+from procession.testing import BackendConformance, CoreConformance, CrashConformance
 
 # procession's own backends; plug-ins run the suite in their own tests.
 BUILTIN = sorted(
@@ -45,6 +47,17 @@ class TestCrashConformance(CrashConformance):
     @pytest.fixture(params=CRASH_DETECTING)
     def conformance_backend(self, request: pytest.FixtureRequest) -> str:
         return str(request.param)
+
+
+class TestInstanceConformance(BackendConformance):
+    """The suite given a Backend instance, as a backend that needs options is given."""
+
+    @pytest.fixture
+    def conformance_backend(self) -> Iterator[Backend]:
+        backend = procession.create_backend("process", workers=2)
+        backend.start()
+        yield backend
+        backend.shutdown(wait=False, kill=True)
 
 
 # -- the guide's minimal backend, run as a third-party project would ---------------

@@ -46,7 +46,9 @@ from hypothesis import strategies as st
 import procession
 from procession.backends.base import Backend, Capabilities
 from procession.errors import RemoteTraceback, TaskTimeoutError, WorkerCrashedError
+from procession.serialization.serializers import get_serializer
 from procession.testing import _tasks
+from procession.worker import encode_setup
 
 __all__ = ["BackendConformance", "CoreConformance", "CrashConformance", "resolve_instance"]
 
@@ -64,6 +66,13 @@ def resolve_instance(backend: BackendSpec) -> Backend:
     from procession.api import resolve_backend
 
     return resolve_backend(backend, None)
+
+
+def _sibling(backend: Backend, worker_setup: bytes | None, workers: int = 2) -> Backend:
+    """A new instance of ``backend``'s class: the contract's constructor keywords only."""
+    sibling = type(backend)(workers=workers, worker_setup=worker_setup)
+    sibling.start()
+    return sibling
 
 
 def _require_crash_detection(capabilities: Capabilities) -> None:
@@ -287,19 +296,31 @@ class CoreConformance(_Base):
     def test_executor_initializer_runs_in_each_worker(
         self, conformance_backend: BackendSpec
     ) -> None:
-        if isinstance(conformance_backend, Backend):
-            pytest.skip("initializer= configures new workers: it needs a backend name")
         marker = uuid.uuid4().hex
-        with procession.Executor(
-            backend=conformance_backend,
-            max_workers=2,
-            initializer=_tasks.set_initialized,
-            initargs=(marker,),
-        ) as executor:
-            seen = executor.submit(_tasks.get_initialized).result(timeout=TEST_TIMEOUT)
-            assert seen.count(marker) == 1, f"initializer ran {seen.count(marker)} times here"
-            values = list(executor.map(_tasks.square, range(10)))
-            assert values == [x * x for x in range(10)]
+        sibling: Backend | None = None
+        if isinstance(conformance_backend, Backend):
+            # An instance's workers exist already: a sibling with worker_setup=
+            # (the bytes Executor(initializer=...) makes) gets new ones.
+            serializer = get_serializer(None, conformance_backend.default_serializer)
+            setup = encode_setup(serializer, _tasks.set_initialized, (marker,))
+            sibling = _sibling(conformance_backend, setup)
+            executor = procession.Executor(backend=sibling)
+        else:
+            executor = procession.Executor(
+                backend=conformance_backend,
+                max_workers=2,
+                initializer=_tasks.set_initialized,
+                initargs=(marker,),
+            )
+        try:
+            with executor:
+                seen = executor.submit(_tasks.get_initialized).result(timeout=TEST_TIMEOUT)
+                assert seen.count(marker) == 1, f"initializer ran {seen.count(marker)} times"
+                values = list(executor.map(_tasks.square, range(10)))
+                assert values == [x * x for x in range(10)]
+        finally:
+            if sibling is not None:
+                sibling.shutdown(wait=True)
 
     def test_timeout_matches_capabilities(
         self, conformance_backend: BackendSpec, capabilities: Capabilities
@@ -386,8 +407,10 @@ class CrashConformance(_Base):
     def test_kill_workers_stops_a_hung_task(self, conformance_backend: BackendSpec) -> None:
         _require_crash_detection(resolve_instance(conformance_backend).capabilities)
         if isinstance(conformance_backend, Backend):
-            pytest.skip("kill_workers() would stop the shared instance under test")
-        executor = procession.Executor(backend=conformance_backend, max_workers=1)
+            # kill_workers() stops the whole backend: use a sibling, not the instance.
+            executor = procession.Executor(backend=_sibling(conformance_backend, None, workers=1))
+        else:
+            executor = procession.Executor(backend=conformance_backend, max_workers=1)
         try:
             hung = executor.submit(_tasks.sleep_on, 0, bad=0, seconds=60)
             executor.kill_workers()
