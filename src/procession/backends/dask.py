@@ -55,6 +55,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -63,7 +64,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from procession import worker as runtime
 from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.errors import BackendUnavailableError, WorkerCrashedError
+from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -86,8 +87,23 @@ EXITCODE_WAIT_SECONDS = 1.0
 
 # -- the worker side (runs in dask worker processes) -------------------------------
 
+
+class WorkerSetupError(Exception):
+    """Raised in a Dask worker whose ``worker_setup`` (Executor initializer) failed.
+
+    Carries the failure as text so it travels whatever the exception was; the
+    client turns it into ``WorkerCrashedError`` with the worker's traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(type_name, message, traceback_text)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+
 _setup_lock = threading.Lock()
-_setup_done: dict[str, BaseException | None] = {}
+_setup_done: dict[str, WorkerSetupError | None] = {}
 
 
 def _setup_once(token: str, setup: bytes) -> None:
@@ -97,7 +113,11 @@ def _setup_once(token: str, setup: bytes) -> None:
             try:
                 runtime.initialize_worker(setup)
             except BaseException as exc:
-                _setup_done[token] = exc
+                _setup_done[token] = WorkerSetupError(
+                    f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    str(exc),
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                )
             else:
                 _setup_done[token] = None
         failure = _setup_done[token]
@@ -258,6 +278,8 @@ class DaskBackend(Backend):
         self._by_future: dict[TaskFuture, _Attempt] = {}
         # Embedded cluster: worker pid -> its process handle (for exit codes after a crash).
         self._processes: dict[int, Any] = {}
+        # Embedded clusters being closed (a later kill must still reach them).
+        self._closing: list[Any] = []
 
     # -- options -----------------------------------------------------------------
 
@@ -387,53 +409,71 @@ class DaskBackend(Backend):
         return self._client is not None
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        """Stop using the cluster; close what this backend started.
+
+        ``wait``: let submitted tasks finish first (``wait=False`` does that in the
+        background and returns at once).  ``kill``: stop the embedded cluster's
+        worker processes now, even mid-task, and fail unfinished futures.  A
+        cluster reached through ``address=``/``client=`` is never stopped: its
+        unfinished tasks are cancelled (one already running on a worker runs on).
+        """
         with self._lock:
             client, self._client = self._client, None
             cluster, self._cluster = self._cluster, None
             self._closed = True
+            if cluster is not None:
+                self._closing.append(cluster)
+            closing = list(self._closing) if kill else []
+        if kill:
+            for old in closing:
+                _stop_cluster_now(old)
+            if client is not None:
+                self._close(client, cluster, wait=False)
+            return
         if client is None:
             return
-        if wait and not kill:
+        if wait:
+            self._close(client, cluster, wait=True)
+        else:
+            threading.Thread(
+                target=self._close,
+                args=(client, cluster),
+                kwargs={"wait": True},
+                name="procession-dask-shutdown",
+                daemon=True,
+            ).start()
+
+    def _close(self, client: Any, cluster: Any, *, wait: bool) -> None:
+        if wait:
             with self._lock:
                 pending = [a.future for a in self._attempts.values()]
             wait_futures(pending)
-        if kill and cluster is not None:
-            # A task that hangs would hold up a graceful close: kill the
-            # workers first (their nannies are closing, so none restarts them).
-            self._kill_cluster_workers(cluster)
         with self._lock:
             attempts = list(self._attempts.values())
             self._attempts.clear()
             self._by_future.clear()
-        dask_futures = [a.dask_future for a in attempts if a.dask_future is not None]
         for attempt in attempts:
             _fail(
                 attempt.future,
-                WorkerCrashedError(
-                    "the dask backend was shut down before this task finished",
-                ),
+                WorkerCrashedError("the dask backend was shut down before this task finished"),
             )
+        dask_futures = [a.dask_future for a in attempts if a.dask_future is not None]
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(self._topic)
         if dask_futures:
             with contextlib.suppress(Exception):
                 client.cancel(dask_futures)
         if client is not self._given_client:
-            timeout = KILL_CLOSE_TIMEOUT_SECONDS if kill else CLOSE_TIMEOUT_SECONDS
             with contextlib.suppress(Exception):
-                client.close(timeout=timeout)
+                client.close(timeout=CLOSE_TIMEOUT_SECONDS)
         if cluster is not None:
-            timeout = KILL_CLOSE_TIMEOUT_SECONDS if kill else CLOSE_TIMEOUT_SECONDS
             with contextlib.suppress(Exception):
-                cluster.close(timeout=timeout)
-            # Whatever a close that timed out left behind must not outlive us.
-            self._kill_cluster_workers(cluster)
-
-    @staticmethod
-    def _kill_cluster_workers(cluster: LocalCluster) -> None:
-        for pid in _cluster_pids(cluster):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                cluster.close(timeout=CLOSE_TIMEOUT_SECONDS)
+            # A task that hung through the close must not keep its process alive.
+            _stop_cluster_now(cluster)
+            with self._lock:
+                if cluster in self._closing:
+                    self._closing.remove(cluster)
 
     def worker_pids(self) -> set[int]:
         """Pids of the embedded cluster's worker processes (empty for an existing cluster:
@@ -526,8 +566,17 @@ class DaskBackend(Backend):
         if status == "error":
             with contextlib.suppress(BaseException):
                 error = done.exception()
+        if isinstance(error, WorkerSetupError):
+            crash = WorkerCrashedError(
+                f"the worker initializer raised {error.type_name}: {error.message}; every "
+                f"task of this backend fails the same way (fix the initializer, then "
+                f"create a new backend or Executor)"
+            )
+            crash.__cause__ = RemoteTraceback(error.traceback_text)
+            self._settle(attempt, exc=crash)
+            return
         if status == "error" and error is not None and not _is_worker_loss(error):
-            # worker_setup failed, or the worker could not run the runtime at all.
+            # The worker could not run procession's runtime at all (not installed there?).
             self._settle(attempt, exc=error)
             return
         # The worker died (KilledWorker) or the task vanished (scheduler lost, ...).
@@ -551,7 +600,7 @@ class DaskBackend(Backend):
     def _crash_error(
         self, attempt: _Attempt, status: str, error: BaseException | None
     ) -> WorkerCrashedError:
-        where = f"worker pid {attempt.pid} at {attempt.address}" if attempt.started else "worker"
+        where = f"worker at {attempt.address}" if attempt.started else "worker"
         if error is not None:
             detail = f"dask reported {type(error).__name__}: {error}"
         else:
@@ -562,10 +611,10 @@ class DaskBackend(Backend):
                 f"reporting a start: its workers died before it could run)"
             )
         exitcode = self._exitcode(attempt.pid) if attempt.started else None
-        if exitcode is not None:
-            where += f" ({_describe_exit(exitcode)})"
+        if attempt.started:
+            where = f"{_describe_exit(attempt.pid, exitcode)} ({where})"
         crash = WorkerCrashedError(
-            f"the dask {where} died while running a task; {detail}", exitcode=exitcode
+            f"dask {where} while running a task; {detail}", exitcode=exitcode
         )
         if error is not None:
             crash.__cause__ = error
@@ -685,6 +734,40 @@ def _cluster_processes(cluster: LocalCluster) -> dict[int, Any]:
     return found
 
 
+def _stop_cluster_now(cluster: Any) -> None:
+    """Stop a LocalCluster's worker processes at once, even mid-task.
+
+    The nannies are told to close first, so none starts a replacement for the
+    worker it is about to lose; then the workers get SIGKILL.
+    """
+    import asyncio
+
+    nannies = list(getattr(cluster, "workers", {}).values())
+    pids = _cluster_pids(cluster)
+
+    async def stop() -> None:
+        closes = [
+            asyncio.ensure_future(nanny.close(timeout=0.5, reason="procession-kill"))
+            for nanny in nannies
+            if hasattr(nanny, "close")
+        ]
+        await asyncio.sleep(0)  # each close() has marked its nanny as closing
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if closes:
+            await asyncio.wait(closes, timeout=KILL_CLOSE_TIMEOUT_SECONDS)
+
+    try:
+        if getattr(cluster, "status", None) is not None and nannies:
+            cluster.sync(stop, callback_timeout=KILL_CLOSE_TIMEOUT_SECONDS + 1)
+    except Exception:
+        pass  # the loop is gone (closed cluster, interpreter exit): kill directly
+    for pid in pids | _cluster_pids(cluster):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _cluster_pids(cluster: LocalCluster) -> set[int]:
     return set(_cluster_processes(cluster))
 
@@ -701,13 +784,17 @@ def _has_in_process_workers(client: Any) -> bool:
     return any(address.startswith("inproc://") or address in local for address in workers)
 
 
-def _describe_exit(exitcode: int) -> str:
+def _describe_exit(pid: int | None, exitcode: int | None) -> str:
+    """The same wording as the ``process`` backend's."""
+    if exitcode is None:
+        return f"worker pid {pid} died"
     if exitcode < 0:
         try:
-            return f"killed by {signal.Signals(-exitcode).name}"
+            name = signal.Signals(-exitcode).name
         except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
+            name = f"signal {-exitcode}"
+        return f"worker pid {pid} was killed by {name} (exit code {exitcode})"
+    return f"worker pid {pid} exited with code {exitcode}"
 
 
 def _is_worker_loss(exc: BaseException) -> bool:
