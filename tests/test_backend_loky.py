@@ -137,3 +137,26 @@ def test_worker_output_reaches_the_parent(
     assert "err 1" in err and "err 2" in err
     assert sorted(r.getMessage() for r in caplog.records) == ["log 1", "log 2"]
     assert all(r.procession_worker in backend.worker_pids() for r in caplog.records)  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(30)
+def test_private_directory_is_removed_and_stale_ones_swept(tmp_path: Path) -> None:
+    import subprocess
+    import tempfile
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = Path(tempfile.gettempdir()) / f"procession-loky-{dead.stdout.strip()}-stale"
+    stale.mkdir()
+    (stale / "started").write_text("1 2\n")
+    pool = LokyBackend(workers=1)
+    assert list(procession.map(abs, [-1], backend=pool)) == [1]
+    assert not stale.exists()  # its parent died without cleaning up: swept
+    own = Path(pool._directory)
+    assert own.is_dir()
+    pool.shutdown(wait=True)
+    assert not own.exists()

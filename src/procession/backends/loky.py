@@ -52,6 +52,7 @@ import os
 import pickle
 import re
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -150,13 +151,38 @@ def _run_task(task_id: int, start_log: str, task: bytes) -> bytes:
     return RESULT + result
 
 
+_DIRECTORY_PREFIX = "procession-loky-"
+
+
+def _private_directory() -> str:
+    """A fresh 0700 directory for a pool's start log and output socket.
+
+    Its name carries our pid, so the directories of parents that died without
+    cleaning up (SIGKILL) are found and removed here, by the next pool.
+    """
+    parent = tempfile.gettempdir()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        names = []
+    me = getattr(os, "getuid", lambda: None)()
+    for name in names:
+        owner_pid = name[len(_DIRECTORY_PREFIX) :].partition("-")[0]
+        if not (name.startswith(_DIRECTORY_PREFIX) and owner_pid.isdigit()):
+            continue
+        path = os.path.join(parent, name)
+        with contextlib.suppress(OSError):
+            if _pid_is_dead(int(owner_pid)) and os.stat(path).st_uid == me:
+                shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
+
+
 class _OutputReceiver:
     """In the parent: a Unix socket the workers connect to, and a thread that
     hands their output lines and log records to our streams and loggers."""
 
-    def __init__(self) -> None:
-        self._directory = tempfile.mkdtemp(prefix="procession-loky-")
-        self.address = os.path.join(self._directory, "output")
+    def __init__(self, directory: str) -> None:
+        self.address = os.path.join(directory, "output")
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.address)
         self._server.listen(64)
@@ -193,8 +219,6 @@ class _OutputReceiver:
             os.close(self._wake_r)
             with contextlib.suppress(OSError):
                 os.unlink(self.address)
-            with contextlib.suppress(OSError):
-                os.rmdir(self._directory)
 
     def _read(self, peer: socket.socket) -> None:
         try:
@@ -363,6 +387,7 @@ class LokyBackend(Backend):
         self._in_flight = 0
         self._retired: list[Any] = []  # broken or killed executors to join
         self._dispatcher: threading.Thread | None = None
+        self._directory = ""
         self._start_log = ""
         self._log_offset = 0
         self._by_id: dict[int, _Record] = {}  # in flight, by task id
@@ -395,10 +420,11 @@ class LokyBackend(Backend):
                     raise RuntimeError(f"{self!r} was shut down; create a new backend")
                 return
             self.check_available()
-            fd, self._start_log = tempfile.mkstemp(prefix="procession-loky-", suffix=".log")
-            os.close(fd)
+            self._directory = _private_directory()
+            self._start_log = os.path.join(self._directory, "started")
+            open(self._start_log, "wb").close()
             if self.forward_output:
-                self._output = _OutputReceiver()
+                self._output = _OutputReceiver(self._directory)
             # Every loky executor is created, and so every worker forked, by this
             # thread: PR_SET_PDEATHSIG fires when the forking *thread* ends.
             self._dispatcher = threading.Thread(
@@ -715,10 +741,9 @@ class LokyBackend(Backend):
             kill = self._killed or self._broken is not None
         self._fail_all(WorkerCrashedError("the loky pool was shut down"))
         self._join_executors(executors, kill=kill)
-        with contextlib.suppress(OSError):
-            os.unlink(self._start_log)
         if self._output is not None:
             self._output.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
         _live_pools.discard(self)
 
     @staticmethod
