@@ -62,10 +62,13 @@ U = TypeVar("U")
 
 #: Items a stage's output channel holds before the stage blocks.
 DEFAULT_MAXSIZE = 64
-# A stage on a backend reads its input in bursts: a burst ends after this long
-# without input, so results reach the consumer even when upstream trickles
-# (the scheduler reads input whenever its window has room, and would otherwise
-# hold finished results until upstream produced enough to fill the window).
+# A stage on a backend feeds the scheduler in bursts.  The scheduler reads a
+# whole chunk (its size grown to ~20 ms of worker time) before sending it, and
+# reads input whenever its window has room, holding finished results meanwhile;
+# fed by a trickling upstream it could sit on results for seconds.  So a burst
+# ends once it has spent this long, in total, waiting for input: the scheduler
+# then sends what it has, drains, and a new burst starts with the next item.
+# A fast upstream never makes it wait, so its burst (and chunk growth) goes on.
 LINGER_SECONDS = 0.05
 # On close, running tasks get this long to finish before they are killed
 # (on backends that can kill), so an early ``break`` rarely costs a worker.
@@ -98,10 +101,16 @@ class _Failure:
 
 
 class _Channel:
-    """A bounded FIFO between two threads that either side can cancel."""
+    """A bounded FIFO from one thread to one other that either side can cancel.
+
+    The reader takes everything queued at once into a private buffer, so a
+    busy stream costs one lock round trip per batch rather than per item (the
+    stage holds at most ``maxsize`` taken items besides the ``maxsize`` queued).
+    """
 
     def __init__(self, maxsize: int) -> None:
         self._items: deque[Any] = deque()
+        self._taken: deque[Any] = deque()  # the reader's; no lock needed
         self._maxsize = maxsize
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
@@ -115,9 +124,15 @@ class _Channel:
             if self._closed:
                 raise _Cancelled
             self._items.append(item)
-            self._cond.notify_all()
+            if len(self._items) == 1:
+                self._cond.notify_all()  # the reader may be waiting for it
 
     def get(self, timeout: float | None = None) -> Any:
+        """The next item; ``_IDLE`` if none came within ``timeout`` seconds."""
+        if self._closed:
+            raise _Cancelled
+        if self._taken:
+            return self._taken.popleft()
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait_for(lambda: self._items or self._closed, timeout)
@@ -125,9 +140,10 @@ class _Channel:
                 raise _Cancelled
             if not self._items:
                 return _IDLE
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
+            if len(self._items) >= self._maxsize:
+                self._cond.notify_all()  # the writer may be waiting for room
+            self._items, self._taken = self._taken, self._items
+        return self._taken.popleft()
 
     def close(self) -> None:
         with self._cond:
@@ -671,10 +687,15 @@ class _Runner:
 
         def burst(first: Any) -> Iterator[Any]:
             yield first
+            waited = 0.0
             while True:
-                item = inp.get(LINGER_SECONDS)
+                item = inp.get(0)
                 if item is _IDLE:
-                    return
+                    started = time.monotonic()
+                    item = inp.get(max(LINGER_SECONDS - waited, 0.0))
+                    waited += time.monotonic() - started
+                    if item is _IDLE:
+                        return
                 if item is _END or isinstance(item, _Failure):
                     ended.append(item)
                     return
