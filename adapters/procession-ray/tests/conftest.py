@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import procession
 from procession import api
+
+RAY_TEST_TIMEOUT = 180
 
 
 def _ray_processes() -> set[int]:
@@ -40,3 +43,12 @@ def ray_session() -> Iterator[None]:
             api._shared.pop(("ray", None), None)
     left = _ray_processes() - before
     assert not left, f"Ray processes left running after shutdown: {sorted(left)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The first Ray test also pays for starting Ray (seconds alone, much more on
+    # a loaded machine): give these tests a bound that still catches a hang.
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.timeout(RAY_TEST_TIMEOUT))
