@@ -3,8 +3,8 @@
 pytest loads it in every project where procession is installed, so it must be
 harmless there: it adds no tests and no fixtures and imports nothing heavy.
 It only registers ``--procession-backend NAME``, which makes every
-:class:`procession.testing.BackendConformance` subclass in the run test that
-backend instead of the one it names, e.g.::
+:class:`procession.testing.BackendConformance` subclass in the run that names
+its backend with ``backend = ...`` test that backend instead, e.g.::
 
     pytest tests/test_my_backend.py --procession-backend=threads
 """
