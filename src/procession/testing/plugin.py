@@ -2,11 +2,14 @@
 
 pytest loads it in every project where procession is installed, so it must be
 harmless there: it adds no tests and no fixtures and imports nothing heavy.
-It only registers ``--procession-backend NAME``, which makes every
+It registers one option, ``--procession-backend NAME``: every
 :class:`procession.testing.BackendConformance` subclass in the run that names
-its backend with ``backend = ...`` test that backend instead, e.g.::
+its backend with ``backend = ...`` then tests NAME instead, e.g.::
 
     pytest tests/test_my_backend.py --procession-backend=threads
+
+Where pytest-timeout is not installed it also declares the ``timeout`` marker
+the suite uses, so ``--strict-markers`` projects can still run it.
 """
 
 from __future__ import annotations
