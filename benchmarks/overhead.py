@@ -6,11 +6,13 @@ overhead is that time divided by N: with a task this small it is all
 scheduling, serialization and transport.  Also measured: how long a warm pool
 takes to start a one-item map (first result), and ``import procession``.
 
-Run (the ``bench`` dependency group holds joblib and mpire)::
+Run (joblib and mpire are in the ``bench`` dependency group; ``uv run --with``
+fetches just them where the whole group does not build)::
 
-    uv sync --group bench
-    uv run python benchmarks/overhead.py                 # the table
-    uv run python benchmarks/overhead.py --json out.json # and the numbers as JSON
+    uv run --with joblib --with mpire python benchmarks/overhead.py
+    uv run --with joblib --with mpire python benchmarks/overhead.py --json out.json
+
+A contender whose tool is missing is reported as FAILED in its row; the others run.
 
 Not a test: timings depend on the machine and on what else runs on it.
 """
