@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -352,7 +353,32 @@ def test_error_in_each_position(position: str, backend: str) -> None:
     assert type(info.value) is ValueError
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "boom at 7" in str(info.value.__cause__)
+    if position == "source":
+        assert "the pipeline's source" in str(info.value.__cause__)
+    elif position.endswith("-inline"):
+        kind = position.removesuffix("-inline")
+        assert re.search(rf"in stage \d \({kind} \w+\):", str(info.value.__cause__))
     wait_for_no_pipeline_threads()
+
+
+def test_upstream_failure_drops_the_partial_batch() -> None:
+    # As itertools.batched would: complete batches, then the error.
+    got: list[list[int]] = []
+    with pytest.raises(ValueError, match="boom at 7"):
+        for batch in Pipeline(source_fail_at_7()).batch(3).run():
+            got.append(batch)
+    assert got == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_backend_instance_per_stage() -> None:
+    backend = procession.create_backend("threads", workers=3)
+    try:
+        pipe = Pipeline(range(10)).map(add_one, backend=backend).filter(is_even, backend=backend)
+        assert list(pipe.run()) == [2, 4, 6, 8, 10]
+        with pytest.raises(ValueError, match="workers"):
+            Pipeline(range(3)).map(add_one, backend=backend, workers=2).run()
+    finally:
+        backend.shutdown()
 
 
 @pytest.mark.timeout(30)
