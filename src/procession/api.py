@@ -132,7 +132,7 @@ def map(
         progress=progress,
         on_abort=(lambda: _forget_shared(chosen)) if not isinstance(backend, Backend) else None,
     )
-    return iter(run)
+    return run
 
 
 class Executor(futures.Executor):
@@ -276,7 +276,7 @@ class Executor(futures.Executor):
             progress=progress,
             on_abort=self.kill_workers,
         )
-        return iter(run)
+        return run
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with ``wait`` block until submitted work is done."""

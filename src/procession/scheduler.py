@@ -18,6 +18,7 @@ the tail of a known-length input starves workers.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import threading
@@ -284,17 +285,26 @@ class MapRun:
         self._exhausted = False
         self._input_error: BaseException | None = None
         self._pending: dict[TaskFuture, Chunk] = {}
-        self._iterator: Generator[Any, None, None] = self._run()
+        # The loop yields whole chunks of results; chain.from_iterable flattens
+        # them in C, so the per-item cost of iterating is that of a list.
+        self._batches: Generator[list[Any], None, None] = self._run()
+        self._flat: Iterator[Any] = itertools.chain.from_iterable(self._batches)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._iterator
+        return self._flat
 
     def __next__(self) -> Any:
-        return next(self._iterator)
+        return next(self._flat)
 
     def close(self) -> None:
         """Stop reading input and cancel in-flight work."""
-        self._iterator.close()
+        self._batches.close()
+
+    def __enter__(self) -> MapRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- reading and sending ------------------------------------------------
 
@@ -302,13 +312,13 @@ class MapRun:
         size = self._chunker.next_size(self._consumed)
         items: list[Any] = []
         try:
-            for _ in range(size):
-                items.append(next(self._source))
-        except StopIteration:
-            self._exhausted = True
+            # extend() keeps the items read before the source raised.
+            items.extend(itertools.islice(self._source, size))
         except Exception as exc:
             self._exhausted = True
             self._input_error = exc
+        if len(items) < size:
+            self._exhausted = True
         if not items:
             return None
         chunk = Chunk(self._consumed, items)
@@ -405,23 +415,22 @@ class MapRun:
             chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error)
         )
 
-    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[Any]:
+    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[list[Any]]:
+        """Yield the chunk's results as one list; raise at the first failure if asked."""
         values, errors = outcome.values, outcome.errors
-        if not errors:
-            yield from values
-            if bar is not None:
-                bar.update(len(values))
-            return
-        for position, value in enumerate(values):
-            if position in errors:
-                if self._stop_on_error:
-                    raise errors[position]
-                value = errors[position]
-            if bar is not None:
-                bar.update(1)
-            yield value
-        # With stop_on_error the worker stops at the first failure: values past it
-        # never existed, and the raise above ended the map.
+        if errors:
+            first = min(errors)
+            if self._stop_on_error:
+                # The worker stopped at its first failure: nothing past it exists.
+                if first:
+                    yield values[:first]
+                if bar is not None:
+                    bar.update(first)
+                raise errors[first]
+            values = [errors.get(i, value) for i, value in enumerate(values)]
+        yield values
+        if bar is not None:
+            bar.update(len(values))
 
     # -- the loop -----------------------------------------------------------
 
@@ -450,7 +459,7 @@ class MapRun:
                 chunk.timed_out = True
                 self._backend.kill_task(future)
 
-    def _run(self) -> Generator[Any, None, None]:
+    def _run(self) -> Generator[list[Any], None, None]:
         bar = _progress_bar(self._length) if self._progress else None
         try:
             yield from self._loop(bar)
@@ -465,7 +474,7 @@ class MapRun:
             if bar is not None:
                 bar.close()
 
-    def _loop(self, bar: Any) -> Iterator[Any]:
+    def _loop(self, bar: Any) -> Iterator[list[Any]]:
         self._backend.start()
         ready: dict[int, Outcome] = {}
         retry: deque[Chunk] = deque()
