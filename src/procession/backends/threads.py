@@ -50,6 +50,8 @@ class ThreadBackend(Backend):
 
     def _run(self, future: TaskFuture, task: bytes) -> None:
         if not future.set_running_or_notify_cancel():
+            with self._lock:
+                self._unfinished.discard(future)
             return
         if self._init_error is not None:
             future.set_exception(self._init_error)
@@ -88,7 +90,9 @@ class ThreadBackend(Backend):
             pool.shutdown(wait=wait and not kill, cancel_futures=kill)
         for future in unfinished:
             if future.cancel():
-                future.set_running_or_notify_cancel()
+                # Acknowledge the cancellation so concurrent.futures.wait() sees it done.
+                with contextlib.suppress(RuntimeError):
+                    future.set_running_or_notify_cancel()
                 continue
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(
