@@ -47,7 +47,9 @@ Dask worker process by the worker runtime, like on every other backend.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib.util
 import itertools
 import logging
@@ -57,6 +59,8 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -278,6 +282,7 @@ class DaskBackend(Backend):
         self._by_future: dict[TaskFuture, _Attempt] = {}
         # Embedded cluster: worker pid -> its process handle (for exit codes after a crash).
         self._processes: dict[int, Any] = {}
+        self._exit_hook: Callable[[], None] | None = None
         # Embedded clusters being closed (a later kill must still reach them).
         self._closing: list[Any] = []
 
@@ -366,6 +371,10 @@ class DaskBackend(Backend):
                     self._cluster.close()
                     self._cluster = None
                     raise
+                # Registered after distributed's own exit hooks, so it runs before
+                # them: the cluster is stopped at once, not closed politely.
+                self._exit_hook = functools.partial(_shutdown_at_exit, weakref.ref(self))
+                atexit.register(self._exit_hook)
             client.subscribe_topic(self._topic, self._on_started)
             self._client = client
 
@@ -421,9 +430,12 @@ class DaskBackend(Backend):
             client, self._client = self._client, None
             cluster, self._cluster = self._cluster, None
             self._closed = True
+            exit_hook, self._exit_hook = self._exit_hook, None
             if cluster is not None:
                 self._closing.append(cluster)
             closing = list(self._closing) if kill else []
+        if exit_hook is not None:
+            atexit.unregister(exit_hook)
         if kill:
             for old in closing:
                 _stop_cluster_now(old)
@@ -557,8 +569,10 @@ class DaskBackend(Backend):
         if status == "finished":
             try:
                 data = done.result()
-            except BaseException as exc:
-                self._settle(attempt, exc=self._transport_error(attempt, exc))
+            except Exception as exc:
+                # The result was computed but lost before it could be fetched (its
+                # worker died meanwhile): as good as a crash, so retries= applies.
+                self._settle(attempt, exc=self._crash_error(attempt, "lost", exc))
             else:
                 self._settle(attempt, value=data)
             return
@@ -637,11 +651,6 @@ class DaskBackend(Backend):
             self._processes.pop(pid, None)  # type: ignore[arg-type]
         return exitcode if isinstance(exitcode, int) else None
 
-    def _transport_error(self, attempt: _Attempt, exc: BaseException) -> BaseException:
-        if _is_worker_loss(exc):
-            return self._crash_error(attempt, "lost", exc)
-        return exc
-
     def _settle(
         self, attempt: _Attempt, *, value: bytes | None = None, exc: BaseException | None = None
     ) -> None:
@@ -689,25 +698,33 @@ class DaskBackend(Backend):
         how = "cancelled before it started"
         if attempt.started and attempt.pid is not None:
             how = f"stopped by killing its worker pid {attempt.pid} at {attempt.address}"
-            if cluster is not None and attempt.pid in _cluster_pids(cluster):
-                # Our own LocalCluster: its workers are our children.
-                _kill_pid(attempt.pid)
+            if cluster is not None:
+                # Our own LocalCluster: its workers are our children.  A pid that
+                # is no longer among them already died (and was replaced).
+                if attempt.pid in _cluster_pids(cluster):
+                    _kill_pid(attempt.pid)
             else:
-                self._kill_remote(client, attempt)
+                # Reaching another machine's nanny can take a while (or time out
+                # if the worker is gone): never hold up the caller for it.
+                threading.Thread(
+                    target=self._kill_remote,
+                    args=(client, attempt.address, attempt.pid),
+                    name="procession-dask-kill",
+                    daemon=True,
+                ).start()
         _fail(future, WorkerCrashedError(f"the task was {how}"))
 
     @staticmethod
-    def _kill_remote(client: Client, attempt: _Attempt) -> None:
+    def _kill_remote(client: Any, address: str, pid: int) -> None:
         """Kill the process behind a late task on another machine, through its nanny."""
-        assert attempt.address is not None and attempt.pid is not None
-        if attempt.pid == os.getpid() or _has_in_process_workers(client):
+        if pid == os.getpid() or _has_in_process_workers(client):
             return  # never kill the caller; such clusters declare no kill capability
         try:
-            client.run(_kill_pid, attempt.pid, workers=[attempt.address], nanny=True)
+            client.run(_kill_pid, pid, workers=[address], nanny=True)
         except Exception:
             # No nanny (``dask worker --no-nanny``): the worker exits by itself.
             with contextlib.suppress(Exception):
-                client.run(os._exit, 1, workers=[attempt.address], wait=False)
+                client.run(os._exit, 1, workers=[address], wait=False)
 
     def __repr__(self) -> str:
         if self._address is not None:
@@ -732,6 +749,12 @@ def _cluster_processes(cluster: LocalCluster) -> dict[int, Any]:
         if isinstance(pid, int) and getattr(process, "exitcode", None) is None:
             found[pid] = process
     return found
+
+
+def _shutdown_at_exit(ref: weakref.ReferenceType[DaskBackend]) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.shutdown(wait=False, kill=True)
 
 
 def _stop_cluster_now(cluster: Any) -> None:
