@@ -18,6 +18,7 @@ the tail of a known-length input starves workers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import pickle
@@ -588,7 +589,13 @@ def submit_call(
             # its executor acknowledges the cancellation.
             done.set_running_or_notify_cancel()
 
+    def mark_running(_: TaskFuture) -> None:
+        # As in concurrent.futures: a started task can no longer be cancelled.
+        with contextlib.suppress(RuntimeError):
+            user_future.set_running_or_notify_cancel()
+
     user_future.add_done_callback(forward_cancel)
+    task_future.add_start_callback(mark_running)
     task_future.add_done_callback(relay)
     return user_future
 
@@ -596,8 +603,11 @@ def submit_call(
 def _settle(future: Future[Any], *, value: Any = None, exc: BaseException | None = None) -> None:
     if future.done():
         return
-    if not future.running() and not future.set_running_or_notify_cancel():
-        return
+    try:
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return  # cancelled by the caller
+    except RuntimeError:
+        pass  # marked running concurrently by the task's start
     try:
         if exc is not None:
             future.set_exception(exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,10 +56,23 @@ class TaskFuture(Future[bytes]):
         super().__init__()
         self.started_at: float | None = None
         self.worker: Any = None
+        self._start_callbacks: list[Callable[[TaskFuture], object]] = []
 
     def mark_started(self, worker: Any = None) -> None:
-        self.started_at = time.monotonic()
-        self.worker = worker
+        with self._condition:
+            self.started_at = time.monotonic()
+            self.worker = worker
+            callbacks, self._start_callbacks = self._start_callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_start_callback(self, callback: Callable[[TaskFuture], object]) -> None:
+        """Call ``callback(self)`` once a worker starts the task (at once if it has)."""
+        with self._condition:
+            if self.started_at is None:
+                self._start_callbacks.append(callback)
+                return
+        callback(self)
 
 
 def default_worker_count() -> int:

@@ -59,10 +59,13 @@ from procession.errors import RemoteTraceback, WorkerCrashedError
 __all__ = ["ProcessBackend"]
 
 # Message kinds, worker -> parent (first byte of each message).
-RESULT, STDOUT, STDERR, LOG, INIT_FAILED = b"R", b"O", b"E", b"L", b"I"
+RESULT, STDOUT, STDERR, LOG, INIT_FAILED, READY = b"R", b"O", b"E", b"L", b"I", b"H"
 QUIT = b""  # parent -> worker: an empty message asks the worker to exit
 
 KILL_GRACE_SECONDS = 1.0
+# Workers that die before they are ready, this many times in a row, stop the
+# pool instead of being replaced forever (a broken initializer or environment).
+MAX_STARTUP_FAILURES = 3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -187,6 +190,7 @@ def _worker_main(
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         send(INIT_FAILED, pickle.dumps((name, str(exc), text), 5))
         return
+    send(READY, b"")
 
     while True:
         try:
@@ -243,6 +247,7 @@ class _Worker:
     task: TaskFuture | None = None
     tasks_done: int = 0
     retiring: bool = False
+    ready: bool = False  # initialized; only ready workers get tasks
 
 
 @dataclass(eq=False)
@@ -318,6 +323,7 @@ class ProcessBackend(Backend):
         self._closing = False  # no new work; exit once the queue drains
         self._stopped = False
         self._broken: BaseException | None = None
+        self._startup_failures = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -391,7 +397,7 @@ class ProcessBackend(Backend):
         for w in self._workers:
             if not self._queue:
                 return
-            if w.task is None and not w.retiring and w.process.exitcode is None:
+            if w.ready and w.task is None and not w.retiring and w.process.exitcode is None:
                 self._send_next(w)
 
     def _send_next(self, w: _Worker) -> None:
@@ -480,6 +486,12 @@ class ProcessBackend(Backend):
                     self._send_next(w)
             if future is not None and not future.done():
                 future.set_result(payload)
+        elif kind == READY:
+            with self._lock:
+                w.ready = True
+                self._startup_failures = 0
+                if not self._stopped:
+                    self._send_next(w)
         elif kind in (STDOUT, STDERR):
             stream = sys.stdout if kind == STDOUT else sys.stderr
             if stream is not None:
@@ -521,6 +533,16 @@ class ProcessBackend(Backend):
             if w in self._workers:
                 self._workers.remove(w)
             future, w.task = w.task, None
+            if not w.ready and not w.retiring and self._broken is None:
+                self._startup_failures += 1
+                if self._startup_failures >= MAX_STARTUP_FAILURES:
+                    self._broken = WorkerCrashedError(
+                        f"{MAX_STARTUP_FAILURES} workers in a row died while starting, the last "
+                        f"as {describe_exit(pid, exitcode)}; the pool stopped replacing them. "
+                        f"Check the initializer and that the worker's imports work, then "
+                        f"create a new pool",
+                        exitcode=exitcode,
+                    )
             replace = not (self._closing or self._stopped or self._broken is not None)
             if replace and not w.retiring:
                 self._workers.append(self._spawn())
@@ -532,6 +554,8 @@ class ProcessBackend(Backend):
                     describe_exit(pid, exitcode) + " while running a task", exitcode=exitcode
                 )
             )
+        if self._broken is not None:
+            self._fail_everything(self._broken, stop=False)
 
     def _retire(self, w: _Worker) -> None:
         w.retiring = True
