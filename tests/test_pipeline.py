@@ -24,6 +24,11 @@ from procession.pipeline import Pipeline
 from procession.workloads.sieve_pipeline import check_ranges, collect_primes
 
 ROOT = Path(__file__).resolve().parent.parent
+# A few examples per backend in CI (the suite runs on every backend); the
+# `thorough` hypothesis profile gets its full count.
+_profile_examples = settings.default.max_examples
+FEW = 6 if _profile_examples <= 15 else _profile_examples
+SOME = 4 if _profile_examples <= 15 else _profile_examples
 
 # -- stage functions (module level: importable by workers of every backend) ----
 
@@ -192,7 +197,7 @@ def no_leftover_threads() -> Iterator[None]:
 # -- equals the sequential composition ---------------------------------------------
 
 
-@settings(max_examples=6)
+@settings(max_examples=FEW)
 @given(
     source=st.lists(st.integers(-20, 20), max_size=25),
     specs=st.lists(stage_spec, max_size=4),
@@ -209,7 +214,7 @@ def test_pipeline_equals_sequential_composition(
         assert list(results) == sequential(source, specs, batch)
 
 
-@settings(max_examples=4)
+@settings(max_examples=SOME)
 @given(
     source=st.lists(st.integers(-20, 20), max_size=25),
     specs=st.lists(stage_spec, max_size=3),
@@ -507,7 +512,7 @@ def is_prime(n: int) -> bool:
     return True
 
 
-@settings(max_examples=5)
+@settings(max_examples=SOME)
 @given(
     start=st.integers(-10, 500),
     lengths=st.lists(st.integers(0, 400), min_size=1, max_size=6),
