@@ -31,10 +31,12 @@ linked by bounded channels::
   first emits everything it produced before the failure, so the consumer
   raises the error at its place in the output, as the sequential composition
   of the stages would.
-- Cancellation reaches every stage at once: a failure reaching the consumer,
-  ``close()``, leaving the ``with`` block or dropping the iterator closes every
-  channel (a blocked ``put``/``get`` raises ``_Cancelled``), cancels queued tasks
-  and, after a short grace period, kills running ones where the backend can.
+- Cancellation goes up at once: a failing stage closes the channels above
+  it.  A failure reaching the consumer, ``close()`` or leaving the ``with``
+  block closes every channel (a blocked ``put``/``get`` raises ``_Cancelled``),
+  cancels queued tasks, kills tasks still running after a short grace period
+  where the backend can, and waits for the threads.  Dropping the iterator
+  does the same from a finalizer, without waiting or killing.
 """
 
 from __future__ import annotations
