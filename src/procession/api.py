@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
-from procession.scheduler import MapRun, OnError, submit_call
+from procession.scheduler import MapRun, OnError, settle_future, submit_call
 from procession.serialization.serializers import Serializer, get_serializer
 from procession.worker import encode_setup
 
@@ -307,17 +307,13 @@ class Executor(futures.Executor):
             pending = list(self._pending)
         self._backend.shutdown(wait=False, kill=True)
         for future in pending:
-            if not future.done():
-                try:
-                    if future.set_running_or_notify_cancel() or future.running():
-                        future.set_exception(
-                            WorkerCrashedError(
-                                "the executor's workers were terminated "
-                                "(terminate_workers()/kill_workers()) before this task finished"
-                            )
-                        )
-                except Exception:
-                    pass  # finished concurrently
+            settle_future(
+                future,
+                exc=WorkerCrashedError(
+                    "the executor's workers were terminated "
+                    "(terminate_workers()/kill_workers()) before this task finished"
+                ),
+            )
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown(wait=True)

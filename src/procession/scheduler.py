@@ -42,7 +42,7 @@ from procession.errors import (
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
-__all__ = ["MapRun", "decode_failure", "submit_call", "validate_map_options"]
+__all__ = ["MapRun", "decode_failure", "settle_future", "submit_call", "validate_map_options"]
 
 OnError = Literal["raise", "return"]
 ON_ERROR_CHOICES = ("raise", "return")
@@ -570,7 +570,7 @@ def submit_call(
             user_future.cancel()
             return
         except BaseException as transport_error:
-            _settle(user_future, exc=transport_error)
+            settle_future(user_future, exc=transport_error)
             return
         _version, values_bytes, failures, _seconds = pickle.loads(data)
         if failures:
@@ -578,9 +578,9 @@ def submit_call(
             failure = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
             if position < 0:
                 failure = _worker_load_error(failure, serializer)
-            _settle(user_future, exc=failure)
+            settle_future(user_future, exc=failure)
         else:
-            _settle(user_future, value=serializer.loads(values_bytes)[0])
+            settle_future(user_future, value=serializer.loads(values_bytes)[0])
 
     def forward_cancel(done: Future[Any]) -> None:
         if done.cancelled():
@@ -600,7 +600,10 @@ def submit_call(
     return user_future
 
 
-def _settle(future: Future[Any], *, value: Any = None, exc: BaseException | None = None) -> None:
+def settle_future(
+    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
+) -> None:
+    """Finish a user's future unless it is done or cancelled already (first answer wins)."""
     if future.done():
         return
     try:
