@@ -438,6 +438,14 @@ def test_close_stops_a_running_task(crash_backend_name: str) -> None:
     wait_for_no_pipeline_threads()
 
 
+@pytest.mark.timeout(30)
+def test_stage_timeout_is_per_item() -> None:
+    pipe = Pipeline([1, 2]).map(sleep_forever, backend="process", timeout=0.5)
+    with pytest.raises(procession.TaskTimeoutError):
+        list(pipe.run())
+    wait_for_no_pipeline_threads()
+
+
 # -- building mistakes ---------------------------------------------------------------
 
 
