@@ -80,13 +80,13 @@ __all__ = ["DaskBackend"]
 
 INSTALL_HINT = "pip install 'procession[dask]'"
 TOPIC_PREFIX = "procession-started-"
-# A task Dask failed because its worker died, but which never started, is
-# resubmitted at most this many times (a worker that dies before it can
-# report anything must not make a poisonous task loop forever).
-MAX_UNSTARTED_RESUBMITS = 3
+# A task that died with its worker but cannot have caused it (it never started,
+# or it had finished) is resubmitted at most this many times: a worker that dies
+# before a task can report anything must not make a poisonous task loop forever.
+MAX_INNOCENT_RESUBMITS = 3
 CLOSE_TIMEOUT_SECONDS = 5.0
 KILL_CLOSE_TIMEOUT_SECONDS = 2.0
-EXITCODE_WAIT_SECONDS = 1.0
+EXITCODE_WAIT_SECONDS = 0.5
 
 
 # -- the worker side (runs in dask worker processes) -------------------------------
@@ -297,9 +297,7 @@ class DaskBackend(Backend):
                 client = self._client
             if client is not None:
                 with contextlib.suppress(Exception):
-                    threads = sum(
-                        w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()
-                    )
+                    threads = sum(client.nthreads().values())
                     return max(1, int(threads))
         return self._workers
 
@@ -406,6 +404,9 @@ class DaskBackend(Backend):
             # procession reports crashes itself (WorkerCrashedError); Dask's own
             # log lines about dead workers would only repeat them on stderr.
             "silence_logs": logging.CRITICAL,
+            # Import procession while a worker starts, not during its first task
+            # (whose time counts against timeout=).
+            "preload": [__name__],
         }
         options.update(self._cluster_options)
         # allowed-failures=0: a task whose worker died fails at once, so that
@@ -570,9 +571,12 @@ class DaskBackend(Backend):
             try:
                 data = done.result()
             except Exception as exc:
-                # The result was computed but lost before it could be fetched (its
-                # worker died meanwhile): as good as a crash, so retries= applies.
-                self._settle(attempt, exc=self._crash_error(attempt, "lost", exc))
+                # The task ran to the end, but its worker died (another task crashed
+                # it) before the result was fetched: the item is innocent, run it again.
+                with contextlib.suppress(Exception):
+                    done.cancel()
+                if not self._resubmit(attempt):
+                    self._settle(attempt, exc=self._crash_error(attempt, "lost", exc))
             else:
                 self._settle(attempt, value=data)
             return
@@ -594,22 +598,27 @@ class DaskBackend(Backend):
             self._settle(attempt, exc=error)
             return
         # The worker died (KilledWorker) or the task vanished (scheduler lost, ...).
-        if not attempt.started and not self._closed and attempt.resubmits < MAX_UNSTARTED_RESUBMITS:
-            # Queued behind the task that crashed the worker: innocent.
-            retry = _Attempt(
-                future=attempt.future,
-                tag=next(self._tags),
-                task=attempt.task,
-                resubmits=attempt.resubmits + 1,
-            )
-            with self._lock:
-                if self._by_future.get(attempt.future) is attempt:
-                    self._by_future[attempt.future] = retry
-                else:
-                    return
-            self._send(retry)
+        # A task queued behind the one that crashed the worker never started: innocent.
+        if not attempt.started and self._resubmit(attempt):
             return
         self._settle(attempt, exc=self._crash_error(attempt, status, error))
+
+    def _resubmit(self, attempt: _Attempt) -> bool:
+        """Run an innocent victim of a worker's death again (a bounded number of times)."""
+        if self._closed or attempt.resubmits >= MAX_INNOCENT_RESUBMITS:
+            return False
+        retry = _Attempt(
+            future=attempt.future,
+            tag=next(self._tags),
+            task=attempt.task,
+            resubmits=attempt.resubmits + 1,
+        )
+        with self._lock:
+            if self._by_future.get(attempt.future) is not attempt:
+                return True  # cancelled or killed meanwhile: nothing to run
+            self._by_future[attempt.future] = retry
+        self._send(retry)
+        return True
 
     def _crash_error(
         self, attempt: _Attempt, status: str, error: BaseException | None
@@ -800,7 +809,7 @@ def _has_in_process_workers(client: Any) -> bool:
     try:
         import distributed
 
-        workers = client.scheduler_info().get("workers", {})
+        workers = client.nthreads()  # address -> threads, for every worker
         local = {w.address for w in list(getattr(distributed.Worker, "_instances", ()))}
     except Exception:
         return False
