@@ -647,13 +647,18 @@ class MultiprocessingBackend(Backend):
                 return
             self._closing = True
             if kill:
-                self._stopped = True
                 workers = list(self._workers)
-            self._wake()
         if kill:
+            # Fail the futures before the dispatcher can tear down (and forget) the
+            # workers that hold them.
             self._fail_all(
                 WorkerCrashedError("the multiprocessing pool was killed before this task finished")
             )
+            with self._lock:
+                self._stopped = True
+        with self._lock:
+            self._wake()
+        if kill:
             # Killing is safe from any thread; closing pipes is left to the dispatcher.
             for w in workers:
                 with contextlib.suppress(Exception):
