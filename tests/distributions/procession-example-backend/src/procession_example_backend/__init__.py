@@ -19,11 +19,15 @@ class InlineBackend(procession.Backend):
     def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
         super().__init__(workers=1, worker_setup=worker_setup)
         self.tasks_run = 0
+        self._initialized = False
 
     def start(self) -> None:
-        pass
+        if not self._initialized:
+            worker.initialize_worker(self.worker_setup)
+            self._initialized = True
 
     def submit(self, task: bytes) -> procession.TaskFuture:
+        self.start()
         future = procession.TaskFuture()
         future.set_running_or_notify_cancel()
         future.mark_started("inline")
