@@ -30,21 +30,23 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Backends that the shared suite exercises; each proves the same behaviour.
+# Built-ins plus the in-tree example plug-in (an entry-point backend).  The
+# plug-in distributions under adapters/ (Ray) run the conformance suite in
+# their own tests, so the heavy ones do not multiply this suite's run time.
+_INFOS = procession.available_backends()
+_SUITE_ORIGINS = ("built-in", "distribution procession-example-backend")
 USABLE_BACKENDS = sorted(
-    name for name, info in procession.available_backends().items() if info.usable
+    name for name, info in _INFOS.items() if info.usable and info.origin in _SUITE_ORIGINS
 )
 PROCESS_BACKENDS = sorted(
     name
-    for name, info in procession.available_backends().items()
-    if info.usable and info.capabilities is not None and info.capabilities.isolated
+    for name in USABLE_BACKENDS
+    if (caps := _INFOS[name].capabilities) is not None and caps.isolated
 )
 CRASH_BACKENDS = sorted(
     name
-    for name, info in procession.available_backends().items()
-    if info.usable
-    and info.capabilities is not None
-    and info.capabilities.crash_detection
-    and info.capabilities.kill
+    for name in USABLE_BACKENDS
+    if (caps := _INFOS[name].capabilities) is not None and caps.crash_detection and caps.kill
 )
 
 
