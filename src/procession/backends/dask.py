@@ -533,6 +533,11 @@ class DaskBackend(Backend):
             _fail(attempt.future, exc)
             return
         attempt.dask_future = dask_future
+        if attempt.future.cancelled():
+            # Cancelled while it was being submitted: _on_task_future_done missed it.
+            with contextlib.suppress(Exception):
+                dask_future.cancel()
+            return
         dask_future.add_done_callback(lambda done: self._on_dask_done(attempt, done))
 
     def _on_started(self, event: tuple[float, Any]) -> None:
@@ -556,7 +561,8 @@ class DaskBackend(Backend):
                 self._processes[pid] = process
         future = attempt.future
         # A started task is running: cancel() now fails, as with concurrent.futures.
-        if future.set_running_or_notify_cancel():
+        # (A resubmitted task's future is running already.)
+        if future.running() or future.set_running_or_notify_cancel():
             future.mark_started((address, pid))
 
     def _on_dask_done(self, attempt: _Attempt, done: DaskFuture) -> None:
@@ -601,6 +607,16 @@ class DaskBackend(Backend):
         # A task queued behind the one that crashed the worker never started: innocent.
         if not attempt.started and self._resubmit(attempt):
             return
+        if attempt.started and self._cluster is not None:
+            # Reading the exit code may take a moment: never in Dask's callback
+            # thread, which delivers every other result (and a late result
+            # would look like a timeout to the scheduler).
+            threading.Thread(
+                target=lambda: self._settle(attempt, exc=self._crash_error(attempt, status, error)),
+                name="procession-dask-crash",
+                daemon=True,
+            ).start()
+            return
         self._settle(attempt, exc=self._crash_error(attempt, status, error))
 
     def _resubmit(self, attempt: _Attempt) -> bool:
@@ -617,6 +633,8 @@ class DaskBackend(Backend):
             if self._by_future.get(attempt.future) is not attempt:
                 return True  # cancelled or killed meanwhile: nothing to run
             self._by_future[attempt.future] = retry
+        # Queued again, not running: time waiting for a worker is not the task's.
+        attempt.future.started_at = None
         self._send(retry)
         return True
 
@@ -694,8 +712,12 @@ class DaskBackend(Backend):
         """Stop the task behind ``future``: kill its worker process (the nanny replaces
         it) and fail the future with WorkerCrashedError."""
         with self._lock:
-            attempt = self._by_future.pop(future, None)
+            attempt = self._by_future.get(future)
+            dask_future = attempt.dask_future if attempt is not None else None
+            if dask_future is not None and dask_future.status == "finished":
+                return  # it finished in time; its result is being fetched
             if attempt is not None:
+                del self._by_future[future]
                 self._attempts.pop(attempt.tag, None)
             client = self._client
             cluster = self._cluster
