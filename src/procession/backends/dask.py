@@ -184,6 +184,7 @@ class _Attempt:
     started: bool = False
     address: str | None = None
     pid: int | None = None
+    start_seq: int = -1
     dask_future: Any = None
 
 
@@ -278,6 +279,11 @@ class DaskBackend(Backend):
         self._cluster: Any = None
         self._closed = False
         self._tags = itertools.count()
+        # Start order, and the last task started on each worker: on a one-thread
+        # worker that died, only the last task it started can have killed it.
+        self._start_seqs = itertools.count()
+        self._last_start: dict[str, int] = {}
+        self._one_thread_workers = False
         self._attempts: dict[int, _Attempt] = {}  # tag -> attempt in flight
         self._by_future: dict[TaskFuture, _Attempt] = {}
         # Embedded cluster: worker pid -> its process handle (for exit codes after a crash).
@@ -409,6 +415,7 @@ class DaskBackend(Backend):
             "preload": [__name__],
         }
         options.update(self._cluster_options)
+        self._one_thread_workers = options["threads_per_worker"] == 1
         # allowed-failures=0: a task whose worker died fails at once, so that
         # procession's retries= (not Dask) decides whether it runs again.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -538,7 +545,7 @@ class DaskBackend(Backend):
             with contextlib.suppress(Exception):
                 dask_future.cancel()
             return
-        dask_future.add_done_callback(lambda done: self._on_dask_done(attempt, done))
+        client.loop.add_callback(self._watch, client, attempt, dask_future)
 
     def _on_started(self, event: tuple[float, Any]) -> None:
         """Runs in the client's event loop for every "started" event."""
@@ -554,6 +561,8 @@ class DaskBackend(Backend):
         attempt.started = True
         attempt.address = address
         attempt.pid = pid
+        attempt.start_seq = next(self._start_seqs)
+        self._last_start[address] = attempt.start_seq
         cluster = self._cluster
         if cluster is not None and pid not in self._processes:
             process = _cluster_processes(cluster).get(pid)
@@ -565,31 +574,29 @@ class DaskBackend(Backend):
         if future.running() or future.set_running_or_notify_cancel():
             future.mark_started((address, pid))
 
-    def _on_dask_done(self, attempt: _Attempt, done: DaskFuture) -> None:
-        """Runs in Dask's callback thread when the Dask task finished, failed or vanished."""
+    async def _watch(self, client: Any, attempt: _Attempt, dask_future: DaskFuture) -> None:
+        """Runs in the client's event loop: wait for one Dask task and fetch its result.
+
+        Fetching here, concurrently, rather than in Dask's single callback thread
+        means one slow fetch (say, from a worker that is dying) never holds up
+        the other results, whose lateness would look like timeouts.
+        """
+        try:
+            data = await client.gather(dask_future, asynchronous=True)
+        except BaseException as exc:  # incl. asyncio.CancelledError: the task is gone
+            self._on_failed(attempt, exc)
+        else:
+            with self._lock:
+                if self._attempts.get(attempt.tag) is not attempt:
+                    return  # killed, cancelled or shut down: already settled
+                del self._attempts[attempt.tag]
+            self._settle(attempt, value=data)
+
+    def _on_failed(self, attempt: _Attempt, error: BaseException) -> None:
         with self._lock:
-            current = self._attempts.get(attempt.tag)
-            if current is not attempt:
+            if self._attempts.get(attempt.tag) is not attempt:
                 return  # killed, cancelled or shut down: already settled
             del self._attempts[attempt.tag]
-        status = str(done.status)
-        if status == "finished":
-            try:
-                data = done.result()
-            except Exception as exc:
-                # The task ran to the end, but its worker died (another task crashed
-                # it) before the result was fetched: the item is innocent, run it again.
-                with contextlib.suppress(Exception):
-                    done.cancel()
-                if not self._resubmit(attempt):
-                    self._settle(attempt, exc=self._crash_error(attempt, "lost", exc))
-            else:
-                self._settle(attempt, value=data)
-            return
-        error: BaseException | None = None
-        if status == "error":
-            with contextlib.suppress(BaseException):
-                error = done.exception()
         if isinstance(error, WorkerSetupError):
             crash = WorkerCrashedError(
                 f"the worker initializer raised {error.type_name}: {error.message}; every "
@@ -599,25 +606,48 @@ class DaskBackend(Backend):
             crash.__cause__ = RemoteTraceback(error.traceback_text)
             self._settle(attempt, exc=crash)
             return
-        if status == "error" and error is not None and not _is_worker_loss(error):
+        if not _is_worker_loss(error):
             # The worker could not run procession's runtime at all (not installed there?).
             self._settle(attempt, exc=error)
             return
         # The worker died (KilledWorker) or the task vanished (scheduler lost, ...).
+        dead = _dead_worker(error)
+        self._forget_starts_on(dead, attempt)
         # A task queued behind the one that crashed the worker never started: innocent.
         if not attempt.started and self._resubmit(attempt):
             return
-        if attempt.started and self._cluster is not None:
-            # Reading the exit code may take a moment: never in Dask's callback
-            # thread, which delivers every other result (and a late result
-            # would look like a timeout to the scheduler).
-            threading.Thread(
-                target=lambda: self._settle(attempt, exc=self._crash_error(attempt, status, error)),
-                name="procession-dask-crash",
-                daemon=True,
-            ).start()
+        if (
+            self._one_thread_workers
+            and dead is not None
+            and attempt.address == dead
+            and self._last_start.get(dead, attempt.start_seq) > attempt.start_seq
+            and self._resubmit(attempt)
+        ):
+            # It had finished (its worker went on to start another task), but the
+            # news had not left the worker when it died: innocent too.
             return
-        self._settle(attempt, exc=self._crash_error(attempt, status, error))
+        # Reading the exit code may take a moment: never in the event loop.
+        threading.Thread(
+            target=lambda: self._settle(attempt, exc=self._crash_error(attempt, error)),
+            name="procession-dask-crash",
+            daemon=True,
+        ).start()
+
+    def _forget_starts_on(self, address: str | None, culprit: _Attempt) -> None:
+        """Other tasks that ran on a worker that just died had finished (a worker runs
+        one task per thread): Dask computes their lost results again.  Until those
+        re-runs start, waiting for them is not the tasks' time (timeout=)."""
+        if address is None:
+            return
+        with self._lock:
+            others = [
+                a
+                for a in self._attempts.values()
+                if a is not culprit and a.started and a.address == address
+            ]
+        for other in others:
+            other.started = False
+            other.future.started_at = None
 
     def _resubmit(self, attempt: _Attempt) -> bool:
         """Run an innocent victim of a worker's death again (a bounded number of times)."""
@@ -638,14 +668,9 @@ class DaskBackend(Backend):
         self._send(retry)
         return True
 
-    def _crash_error(
-        self, attempt: _Attempt, status: str, error: BaseException | None
-    ) -> WorkerCrashedError:
+    def _crash_error(self, attempt: _Attempt, error: BaseException) -> WorkerCrashedError:
         where = f"worker at {attempt.address}" if attempt.started else "worker"
-        if error is not None:
-            detail = f"dask reported {type(error).__name__}: {error}"
-        else:
-            detail = f"dask reported the task as {status}"
+        detail = f"dask reported {type(error).__name__}: {error}"
         if not attempt.started:
             detail += (
                 f" (the task was resubmitted {attempt.resubmits} times without "
@@ -657,8 +682,7 @@ class DaskBackend(Backend):
         crash = WorkerCrashedError(
             f"dask {where} while running a task; {detail}", exitcode=exitcode
         )
-        if error is not None:
-            crash.__cause__ = error
+        crash.__cause__ = error
         return crash
 
     def _exitcode(self, pid: int | None) -> int | None:
@@ -714,8 +738,14 @@ class DaskBackend(Backend):
         with self._lock:
             attempt = self._by_future.get(future)
             dask_future = attempt.dask_future if attempt is not None else None
-            if dask_future is not None and dask_future.status == "finished":
+            status = dask_future.status if dask_future is not None else None
+            if status == "finished":
                 return  # it finished in time; its result is being fetched
+            if status == "lost":
+                # It finished, but the worker holding its result died and Dask is
+                # computing it again: waiting for that is not the task being late.
+                future.started_at = None
+                return
             if attempt is not None:
                 del self._by_future[future]
                 self._attempts.pop(attempt.tag, None)
@@ -851,14 +881,23 @@ def _describe_exit(pid: int | None, exitcode: int | None) -> str:
     return f"worker pid {pid} exited with code {exitcode}"
 
 
+def _dead_worker(exc: BaseException) -> str | None:
+    """The address of the worker a KilledWorker names, if any."""
+    last = getattr(exc, "last_worker", None)
+    address = getattr(last, "address", None)
+    return address if isinstance(address, str) else None
+
+
 def _is_worker_loss(exc: BaseException) -> bool:
+    """A dead worker (KilledWorker) or a task that vanished (cancelled by Dask)."""
+    import asyncio
     from concurrent.futures import CancelledError
 
     try:
         from distributed.scheduler import KilledWorker
     except ImportError:  # pragma: no cover
-        return isinstance(exc, CancelledError)
-    return isinstance(exc, KilledWorker | CancelledError)
+        return isinstance(exc, CancelledError | asyncio.CancelledError)
+    return isinstance(exc, KilledWorker | CancelledError | asyncio.CancelledError)
 
 
 def _fail(future: TaskFuture, exc: BaseException) -> None:
