@@ -342,8 +342,7 @@ def test_initializer_that_kills_the_worker(fault_backend: str) -> None:
 def test_executor_stops_with_a_hung_task(fault_backend: str, stop: str) -> None:
     ex = procession.Executor(backend=fault_backend, workers=1)
     hung = ex.submit(act, ("hang",))
-    assert wait_until(lambda: bool(ex.backend.worker_pids()), 20)
-    time.sleep(0.3)  # let the worker pick the task up
+    assert wait_until(hung.running, 20)  # a worker picked the task up
     workers = ex.backend.worker_pids()
     queued = ex.submit(abs, -1)
 

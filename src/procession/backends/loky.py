@@ -67,8 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from procession import worker as runtime
-from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.backends.multiprocessing import (
+from procession.backends._worker_process import (
     deliver_output,
     describe_exit,
     die_with_parent,
@@ -76,6 +75,7 @@ from procession.backends.multiprocessing import (
     install_forwarders,
     watch_parent,
 )
+from procession.backends.base import Backend, Capabilities, TaskFuture
 from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
 
 __all__ = ["LokyBackend"]

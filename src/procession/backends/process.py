@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -53,103 +52,35 @@ from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 from procession import worker as runtime
+from procession.backends._worker_process import (
+    INIT_FAILED,
+    LOG,
+    QUIT,
+    READY,
+    RESULT,
+    STDERR,
+    STDOUT,
+    deliver_output,
+    describe_exit,
+    die_with_parent,
+    install_forwarders,
+    watch_parent,
+)
 from procession.backends.base import Backend, Capabilities, TaskFuture
 from procession.errors import RemoteTraceback, WorkerCrashedError
 
 __all__ = ["ProcessBackend"]
 
-# Message kinds, worker -> parent (first byte of each message).
-RESULT, STDOUT, STDERR, LOG, INIT_FAILED, READY = b"R", b"O", b"E", b"L", b"I", b"H"
-QUIT = b""  # parent -> worker: an empty message asks the worker to exit
-
 KILL_GRACE_SECONDS = 1.0
 # Workers that die before they are ready, this many times in a row, stop the
 # pool instead of being replaced forever (a broken initializer or environment).
 MAX_STARTUP_FAILURES = 3
-_PR_SET_PDEATHSIG = 1
 
 
 def default_start_method() -> str:
     """forkserver where it exists (fast, thread-safe), else spawn."""
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def describe_exit(pid: int, exitcode: int | None) -> str:
-    if exitcode is None:
-        return f"worker pid {pid} stopped responding"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"worker pid {pid} was killed by {name} (exit code {exitcode})"
-    return f"worker pid {pid} exited with code {exitcode}"
-
-
-# -- the worker side --------------------------------------------------------------
-
-
-class _ForwardingStream(io.TextIOBase):
-    """A text stream that sends complete lines to the parent."""
-
-    def __init__(self, send: Any, kind: bytes, encoding: str) -> None:
-        self._send = send
-        self._kind = kind
-        self._buffer = ""
-        self._encoding = encoding
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return self._encoding
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._buffer += text
-        if "\n" in self._buffer:
-            complete, _, self._buffer = self._buffer.rpartition("\n")
-            self._send(self._kind, (complete + "\n").encode("utf-8", "replace"))
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buffer:
-            text, self._buffer = self._buffer, ""
-            self._send(self._kind, text.encode("utf-8", "replace"))
-
-
-class _ForwardingLogHandler(logging.Handler):
-    """Sends every record to the parent, which hands it to its own loggers."""
-
-    def __init__(self, send: Any) -> None:
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            state = dict(record.__dict__)
-            state["msg"] = record.getMessage()
-            state["args"] = None
-            if record.exc_info:
-                state["exc_text"] = logging.Formatter().formatException(record.exc_info)
-            state["exc_info"] = None
-            self._send(LOG, pickle.dumps(state, 5))
-        except Exception:
-            self.handleError(record)
-
-
-def _watch_parent(lifeline: Connection) -> None:
-    """Exit as soon as the parent is gone, even while a task hangs."""
-    parent = os.getppid()
-    while True:
-        try:
-            if lifeline.poll(0.5):
-                lifeline.recv_bytes()  # raises EOFError once the parent is gone
-        except (EOFError, OSError):
-            os._exit(70)
-        if os.getppid() != parent:
-            os._exit(70)
 
 
 def _worker_main(
@@ -161,48 +92,37 @@ def _worker_main(
     death_signal: bool,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if death_signal and sys.platform == "linux":
-        with contextlib.suppress(Exception):
-            import ctypes
+    if death_signal:
+        die_with_parent()
+    watch_parent(lifeline)
+    send_lock = threading.Lock()  # a task's own threads may print too
 
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    threading.Thread(target=_watch_parent, args=(lifeline,), daemon=True).start()
-
-    send_lock = threading.Lock()
-
-    def send(kind: bytes, payload: bytes) -> None:
+    def send(message: bytes) -> None:
         with send_lock:
-            conn.send_bytes(kind + payload)
+            conn.send_bytes(message)
 
-    streams: list[_ForwardingStream] = []
-    if forward_output:
-        sys.stdout = _ForwardingStream(send, STDOUT, "utf-8")
-        sys.stderr = _ForwardingStream(send, STDERR, "utf-8")
-        streams = [sys.stdout, sys.stderr]
-        root = logging.getLogger()
-        root.handlers[:] = [_ForwardingLogHandler(send)]
-        root.setLevel(log_level)
-
+    streams = install_forwarders(send, log_level) if forward_output else []
     try:
         runtime.initialize_worker(setup)
     except BaseException as exc:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        send(INIT_FAILED, pickle.dumps((name, str(exc), text), 5))
+        with contextlib.suppress(Exception):
+            send(INIT_FAILED + pickle.dumps((name, str(exc), text), 5))
         return
-    send(READY, b"")
-
+    send(READY)
+    recv, run = conn.recv_bytes, runtime.run_task
     while True:
         try:
-            task = conn.recv_bytes()
+            task = recv()
         except (EOFError, OSError):
             return
         if task == QUIT:
             return
-        result = runtime.run_task(task)
+        result = run(task)
         for stream in streams:
             stream.flush()  # lines printed by a task arrive before its result
-        send(RESULT, result)
+        send(RESULT + result)
 
 
 # -- the parent side --------------------------------------------------------------
@@ -285,6 +205,13 @@ class ProcessBackend(Backend):
     name: ClassVar[str] = "process"
     capabilities = Capabilities(isolated=True, kill=True, crash_detection=True)
     default_serializer: ClassVar[str] = "cloudpickle"
+    #: Whether spawn/forkserver workers re-run the parent's ``__main__`` (the
+    #: standard library's behaviour); procession's own workers do not need to.
+    children_rerun_main: ClassVar[bool] = False
+    #: What to check when workers keep dying before they are ready.
+    startup_failure_advice: ClassVar[str] = (
+        "Check the initializer and that the worker's imports work"
+    )
 
     def __init__(
         self,
@@ -363,7 +290,7 @@ class ProcessBackend(Backend):
             name="procession-worker",
             daemon=False,  # daemonic processes may not start their own children
         )
-        if self.start_method == "fork":
+        if self.start_method == "fork" or self.children_rerun_main:
             process.start()
         else:
             with _children_skip_main():
@@ -492,18 +419,8 @@ class ProcessBackend(Backend):
                 self._startup_failures = 0
                 if not self._stopped:
                     self._send_next(w)
-        elif kind in (STDOUT, STDERR):
-            stream = sys.stdout if kind == STDOUT else sys.stderr
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.write(payload.decode("utf-8", "replace"))
-                    stream.flush()
-        elif kind == LOG:
-            record = logging.makeLogRecord(pickle.loads(payload))
-            record.procession_worker = w.process.pid
-            logger = logging.getLogger(record.name)
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
+        elif kind in (STDOUT, STDERR, LOG):
+            deliver_output(kind, payload, w.process.pid)
         elif kind == INIT_FAILED:
             type_name, message_text, tb_text = pickle.loads(payload)
             error = WorkerCrashedError(
@@ -539,8 +456,7 @@ class ProcessBackend(Backend):
                     self._broken = WorkerCrashedError(
                         f"{MAX_STARTUP_FAILURES} workers in a row died while starting, the last "
                         f"as {describe_exit(pid, exitcode)}; the pool stopped replacing them. "
-                        f"Check the initializer and that the worker's imports work, then "
-                        f"create a new pool",
+                        f"{self.startup_failure_advice}, then create a new pool",
                         exitcode=exitcode,
                     )
             replace = not (self._closing or self._stopped or self._broken is not None)
