@@ -17,20 +17,24 @@ cluster is left running.
     TaskFuture                                                         "started" event ──┐
        ▲  mark_started ◄────────── event topic "procession-started-…" ◄──────────────────┘
        │                                                               run_task(bytes)
-       └── set_result ◄── done callback: gather result bytes ◄──────── result bytes
-           WorkerCrashedError ◄── KilledWorker / lost worker
+       └── set_result ◄── client event loop: one coroutine per task ◄── result bytes
+           WorkerCrashedError ◄── KilledWorker / lost worker      (fetched concurrently)
 
 Each task reports, before it runs the user's code, that it started and where
-(worker address and pid).  That makes three things exact:
+(worker address and pid), by a direct RPC to the scheduler so that the report
+is out before a task that kills its worker at once can do so.  That makes
+three things exact:
 
 - ``timeout=``: measured from the real start; :meth:`kill_task` kills the
   process that runs the late task (through its nanny, which starts a fresh
   one), so ``TaskTimeoutError`` works as on the ``process`` backend;
 - crash attribution: when a worker dies, Dask fails every task assigned to it,
-  including ones still queued behind the one that crashed it.  Tasks that never
-  reported a start cannot have caused the crash and are quietly resubmitted;
-  only the task that was running becomes a ``WorkerCrashedError`` (which the
-  scheduler's ``retries=`` can re-run);
+  including ones still queued behind the one that crashed it, and ones that had
+  finished but whose news (or result) was still on it.  Tasks that never
+  reported a start, or that were followed by another start on that one-thread
+  worker, cannot have caused the crash and are quietly resubmitted; only the
+  task that was running becomes a ``WorkerCrashedError`` (which the scheduler's
+  ``retries=`` can re-run);
 - ``Pipeline``/``Executor`` cancellation: a started task is running, not
   cancellable, exactly like a ``concurrent.futures`` future.
 
