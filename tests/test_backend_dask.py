@@ -158,6 +158,28 @@ def test_worker_killed_mid_task_is_reported_or_retried(tmp_path: Path) -> None:
     assert list(procession.map(_tasks.square, range(5), backend="dask")) == [0, 1, 4, 9, 16]
 
 
+def test_only_the_task_that_crashed_its_worker_is_blamed() -> None:
+    """Round after round, the items beside a crash (queued behind it, or finished just
+    before it on the same worker, their results lost with it) come back as values."""
+    crashes = [(_tasks.sigkill_on, -signal.SIGKILL), (_tasks.exit_on, 3)]
+    for round_ in range(4):
+        task, exitcode = crashes[round_ % 2]
+        got = list(
+            procession.map(
+                functools.partial(task, bad=1),
+                [0, 1, 2],
+                backend="dask",
+                chunksize=1,
+                timeout=10.0,  # counts from each start: time lost to restarts does not
+                on_error="return",
+            )
+        )
+        assert got[0] == 0 and got[2] == 2, f"round {round_}: {got}"
+        assert isinstance(got[1], WorkerCrashedError), f"round {round_}: {got}"
+        assert got[1].items == (1,)
+        assert got[1].exitcode == exitcode
+
+
 class _Killer(threading.Thread):
     """Waits for a task to write its pid to ``marker``, then SIGKILLs that process."""
 

@@ -448,6 +448,8 @@ class DaskBackend(Backend):
             closing = list(self._closing) if kill else []
         if exit_hook is not None:
             atexit.unregister(exit_hook)
+        if kill or wait:
+            self._processes.clear()
         if kill:
             for old in closing:
                 _stop_cluster_now(old)
@@ -571,6 +573,12 @@ class DaskBackend(Backend):
         if cluster is not None and pid not in self._processes:
             process = _cluster_processes(cluster).get(pid)
             if process is not None:
+                if len(self._processes) > 2 * self._workers:
+                    # A handle keeps the dead process's pipes open: keep only the
+                    # live ones and those whose crash may still be being reported.
+                    for old, handle in list(self._processes.items()):
+                        if getattr(handle, "exitcode", None) is not None:
+                            self._processes.pop(old, None)
                 self._processes[pid] = process
         future = attempt.future
         # A started task is running: cancel() now fails, as with concurrent.futures.
@@ -638,16 +646,21 @@ class DaskBackend(Backend):
         ).start()
 
     def _forget_starts_on(self, address: str | None, culprit: _Attempt) -> None:
-        """Other tasks that ran on a worker that just died had finished (a worker runs
-        one task per thread): Dask computes their lost results again.  Until those
-        re-runs start, waiting for them is not the tasks' time (timeout=)."""
-        if address is None:
+        """Tasks that started on a one-thread worker that just died, before the last
+        task it started, had finished: Dask computes their lost results again.
+        Until those re-runs start, waiting for them is not the tasks' time."""
+        if address is None or not self._one_thread_workers:
             return
+        last = self._last_start.get(address)
         with self._lock:
             others = [
                 a
                 for a in self._attempts.values()
-                if a is not culprit and a.started and a.address == address
+                if a is not culprit
+                and a.started
+                and a.address == address
+                and last is not None
+                and a.start_seq < last  # not the one it was running when it died
             ]
         for other in others:
             other.started = False
