@@ -548,8 +548,7 @@ class DaskBackend(Backend):
         attempt.dask_future = dask_future
         if attempt.future.cancelled():
             # Cancelled while it was being submitted: _on_task_future_done missed it.
-            with contextlib.suppress(Exception):
-                dask_future.cancel()
+            _cancel(dask_future)
             return
         client.loop.add_callback(self._watch, client, attempt, dask_future)
 
@@ -746,8 +745,7 @@ class DaskBackend(Backend):
             self._attempts.pop(attempt.tag, None)
             client = self._client
         if client is not None and attempt.dask_future is not None:
-            with contextlib.suppress(Exception):
-                attempt.dask_future.cancel()
+            _cancel(attempt.dask_future)
 
     def kill_task(self, future: TaskFuture) -> None:
         """Stop the task behind ``future``: kill its worker process (the nanny replaces
@@ -771,8 +769,7 @@ class DaskBackend(Backend):
         if attempt is None or client is None:
             return
         if attempt.dask_future is not None:
-            with contextlib.suppress(Exception):
-                attempt.dask_future.cancel()
+            _cancel(attempt.dask_future)
         how = "cancelled before it started"
         if attempt.started and attempt.pid is not None:
             how = f"stopped by killing its worker pid {attempt.pid} at {attempt.address}"
@@ -915,6 +912,30 @@ def _is_worker_loss(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return isinstance(exc, CancelledError | asyncio.CancelledError)
     return isinstance(exc, KilledWorker | CancelledError | asyncio.CancelledError)
+
+
+_pending_cancels: set[Any] = set()
+
+
+def _cancel(dask_future: Any) -> None:
+    """Cancel a Dask task from any thread, the client's event loop included (where
+    the client's blocking methods must not be called)."""
+    import asyncio
+
+    try:
+        client = dask_future.client
+        try:
+            running: Any = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is getattr(client.loop, "asyncio_loop", None):
+            task = asyncio.ensure_future(client.cancel([dask_future], asynchronous=True))
+            _pending_cancels.add(task)  # keep it alive until done
+            task.add_done_callback(_pending_cancels.discard)
+        else:
+            dask_future.cancel()
+    except Exception:
+        pass  # the client is closing: the task goes with it
 
 
 def _fail(future: TaskFuture, exc: BaseException) -> None:
