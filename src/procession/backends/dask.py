@@ -423,7 +423,9 @@ class DaskBackend(Backend):
         # allowed-failures=0: a task whose worker died fails at once, so that
         # procession's retries= (not Dask) decides whether it runs again.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-            return cluster_class(**options)
+            cluster = cluster_class(**options)
+        _keep_nannies(cluster)
+        return cluster
 
     @property
     def started(self) -> bool:
@@ -824,6 +826,31 @@ def _cluster_processes(cluster: LocalCluster) -> dict[int, Any]:
         if isinstance(pid, int) and getattr(process, "exitcode", None) is None:
             found[pid] = process
     return found
+
+
+def _keep_nannies(cluster: Any) -> None:
+    """Stop a LocalCluster from giving up on a worker that is slow to come back.
+
+    When a worker leaves the scheduler, ``SpecCluster`` closes its nanny for good
+    unless a worker of the same name is back ``lost-worker-timeout`` (15 s) later.
+    A worker that crashes twice in a row can be mid-restart at that moment: its
+    nanny would be closed, the cluster would shrink for good, and the task the
+    fresh worker had just started would fail as if it had crashed.  Our nannies
+    always restart their workers, so only the bookkeeping part is kept.
+    """
+    try:
+        from distributed.deploy.cluster import Cluster
+    except ImportError:  # pragma: no cover
+        return
+    if not hasattr(cluster, "_update_worker_status"):
+        return
+
+    bookkeeping: Any = Cluster._update_worker_status
+
+    def update_worker_status(op: str, msg: Any) -> None:
+        bookkeeping(cluster, op, msg)
+
+    cluster._update_worker_status = update_worker_status
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[DaskBackend]) -> None:
