@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from procession import worker as runtime
+from procession.backends._worker_process import describe_exit
 from procession.backends.base import Backend, Capabilities, TaskFuture
 from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
 
@@ -696,7 +697,7 @@ class DaskBackend(Backend):
             )
         exitcode = self._exitcode(attempt.pid) if attempt.started else None
         if attempt.started:
-            where = f"{_describe_exit(attempt.pid, exitcode)} ({where})"
+            where = f"{describe_exit(attempt.pid, exitcode)} ({where})"
         crash = WorkerCrashedError(
             f"dask {where} while running a task; {detail}", exitcode=exitcode
         )
@@ -907,19 +908,6 @@ def _has_in_process_workers(client: Any) -> bool:
     except Exception:
         return False
     return any(address.startswith("inproc://") or address in local for address in workers)
-
-
-def _describe_exit(pid: int | None, exitcode: int | None) -> str:
-    """The same wording as the ``process`` backend's."""
-    if exitcode is None:
-        return f"worker pid {pid} died"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"worker pid {pid} was killed by {name} (exit code {exitcode})"
-    return f"worker pid {pid} exited with code {exitcode}"
 
 
 def _dead_worker(exc: BaseException) -> str | None:
