@@ -32,6 +32,7 @@ import os
 import sys
 import types
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from procession.errors import SerializationError
@@ -50,6 +51,52 @@ def _refuse(obj: Any, reason: str) -> SerializationError:
     cls = type(obj)
     name = f"{cls.__module__}.{cls.__qualname__}"
     return SerializationError(reason, type_name=name.removeprefix("builtins."))
+
+
+def _refusal(advice: str) -> Callable[[Any], Recipe[Any]]:
+    """An adapter that refuses its objects with ``advice`` (what to send instead)."""
+
+    def refuse(obj: Any) -> Recipe[Any]:
+        raise _refuse(obj, advice)
+
+    return refuse
+
+
+# What cannot cross a process boundary, and what to send instead.
+_REFUSE_COROUTINE = _refusal(
+    "coroutines and async generators run on this process's event loop and cannot be "
+    "sent; send the async function and its arguments and run it in the worker "
+    "(asyncio.run(fn(*args)))"
+)
+_REFUSE_SQLITE_CURSOR = _refusal(
+    "a cursor is tied to its connection in this process; send the connection (it is "
+    "reopened in the worker) or the query, and run it there"
+)
+_REFUSE_LOCK = _refusal(
+    "a lock only works inside the process that made it. To share one between workers "
+    "pass a multiprocessing.Manager().Lock() proxy; to give each worker its own, send "
+    "procession.Recipe(threading.Lock); or avoid the lock and pass the data instead"
+)
+_REFUSE_MULTIPROCESSING_LOCK = _refusal(
+    "multiprocessing locks and semaphores can only be inherited by processes at start, "
+    "not sent with a task; pass a multiprocessing.Manager().Lock() proxy instead"
+)
+_REFUSE_HASH = _refusal(
+    "a hash object's internal state cannot be copied to another process; send the data "
+    "and hash it in the worker, or send obj.digest()/obj.hexdigest()"
+)
+_REFUSE_SOCKET = _refusal(
+    "a socket belongs to this process; send the address and connect in the worker, e.g. "
+    "procession.Recipe(socket.create_connection, (host, port))"
+)
+_REFUSE_SIMPLE_QUEUE = _refusal(
+    "a thread queue only works inside one process; use a multiprocessing.Manager().Queue() "
+    "proxy, or return results from the task instead"
+)
+_REFUSE_MMAP = _refusal(
+    "a memory map belongs to this process; send the file path (and offsets) and map it "
+    "in the worker, e.g. with a procession.Recipe"
+)
 
 
 # -- generators -------------------------------------------------------------
@@ -135,15 +182,6 @@ def _reduce_generator(gen: types.GeneratorType[Any, Any, Any]) -> Recipe[Any]:
             f'procession.serialization.policy(started_generators="drain")'
         )
     raise _refuse(gen, reason)
-
-
-def _refuse_coroutine(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "coroutines and async generators run on this process's event loop and cannot be "
-        "sent; send the async function and its arguments and run it in the worker "
-        "(asyncio.run(fn(*args)))",
-    )
 
 
 # -- sqlite3 ----------------------------------------------------------------
@@ -272,14 +310,6 @@ def _reduce_sqlite_connection(conn: sqlite3.Connection) -> Recipe[Any]:
     return Recipe(_rebuild.sqlite_connect, uri, tuple(attached), options, attributes).per_thread()
 
 
-def _refuse_sqlite_cursor(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a cursor is tied to its connection in this process; send the connection (it is "
-        "reopened in the worker) or the query, and run it there",
-    )
-
-
 # -- files ------------------------------------------------------------------
 
 
@@ -325,55 +355,6 @@ def _reduce_file(handle: Any) -> Recipe[Any]:
 # -- what cannot cross a process boundary ------------------------------------
 
 
-def _refuse_lock(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a lock only works inside the process that made it. To share one between workers "
-        "pass a multiprocessing.Manager().Lock() proxy; to give each worker its own, send "
-        "procession.Recipe(threading.Lock); or avoid the lock and pass the data instead",
-    )
-
-
-def _refuse_multiprocessing_lock(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "multiprocessing locks and semaphores can only be inherited by processes at start, "
-        "not sent with a task; pass a multiprocessing.Manager().Lock() proxy instead",
-    )
-
-
-def _refuse_hash(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a hash object's internal state cannot be copied to another process; send the data "
-        "and hash it in the worker, or send obj.digest()/obj.hexdigest()",
-    )
-
-
-def _refuse_socket(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a socket belongs to this process; send the address and connect in the worker, e.g. "
-        "procession.Recipe(socket.create_connection, (host, port))",
-    )
-
-
-def _refuse_simple_queue(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a thread queue only works inside one process; use a multiprocessing.Manager().Queue() "
-        "proxy, or return results from the task instead",
-    )
-
-
-def _refuse_mmap(obj: Any) -> Recipe[Any]:
-    raise _refuse(
-        obj,
-        "a memory map belongs to this process; send the file path (and offsets) and map it "
-        "in the worker, e.g. with a procession.Recipe",
-    )
-
-
 def _hash_types() -> set[type]:
     import hashlib
 
@@ -399,19 +380,19 @@ def register_builtin_adapters() -> None:
     import _thread
 
     register_builtin_adapter(types.GeneratorType, _reduce_generator)
-    register_builtin_adapter(types.CoroutineType, _refuse_coroutine)
-    register_builtin_adapter(types.AsyncGeneratorType, _refuse_coroutine)
+    register_builtin_adapter(types.CoroutineType, _REFUSE_COROUTINE)
+    register_builtin_adapter(types.AsyncGeneratorType, _REFUSE_COROUTINE)
     register_builtin_adapter("sqlite3.Connection", _reduce_sqlite_connection)
-    register_builtin_adapter("sqlite3.Cursor", _refuse_sqlite_cursor)
-    register_builtin_adapter("sqlite3.Blob", _refuse_sqlite_cursor)
+    register_builtin_adapter("sqlite3.Cursor", _REFUSE_SQLITE_CURSOR)
+    register_builtin_adapter("sqlite3.Blob", _REFUSE_SQLITE_CURSOR)
     for file_type in (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom):
         register_builtin_adapter(file_type, _reduce_file)
     register_builtin_adapter(io.FileIO, _reduce_file)
-    register_builtin_adapter(_thread.LockType, _refuse_lock)
-    register_builtin_adapter(_thread.RLock, _refuse_lock)
-    register_builtin_adapter("multiprocessing.synchronize.SemLock", _refuse_multiprocessing_lock)
-    register_builtin_adapter("_queue.SimpleQueue", _refuse_simple_queue)
-    register_builtin_adapter("_socket.socket", _refuse_socket)
-    register_builtin_adapter("mmap.mmap", _refuse_mmap)
+    register_builtin_adapter(_thread.LockType, _REFUSE_LOCK)
+    register_builtin_adapter(_thread.RLock, _REFUSE_LOCK)
+    register_builtin_adapter("multiprocessing.synchronize.SemLock", _REFUSE_MULTIPROCESSING_LOCK)
+    register_builtin_adapter("_queue.SimpleQueue", _REFUSE_SIMPLE_QUEUE)
+    register_builtin_adapter("_socket.socket", _REFUSE_SOCKET)
+    register_builtin_adapter("mmap.mmap", _REFUSE_MMAP)
     for hash_type in _hash_types():
-        register_builtin_adapter(hash_type, _refuse_hash)
+        register_builtin_adapter(hash_type, _REFUSE_HASH)
