@@ -129,6 +129,19 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
+def _compare(
+    label: str,
+    sequential: Callable[[], T],
+    parallel: Callable[[], T],
+    describe: Callable[[T], str],
+) -> list[str]:
+    """Time both versions of a workload; one table row, checking they agree."""
+    expected, t_seq = _timed(sequential)
+    got, t_par = _timed(parallel)
+    same = "yes" if got == expected else "NO"
+    return [label, _seconds(t_seq), _seconds(t_par), _speedup(t_seq, t_par), describe(got), same]
+
+
 def _speedup(sequential: float | None, parallel: float | None) -> str:
     if not sequential or not parallel:
         return "-"
@@ -196,53 +209,30 @@ def demo(backend: str | None, workers: int | None, words: int, limit: int) -> No
     click.echo("")
 
     seed = 2009
-    rows: list[list[str]] = []
-    seq_words, t_seq = _timed(
-        lambda: palindromes.WordSource(WORD_LENGTH, seed).palindromes(0, words)
-    )
-    par_words, t_par = _timed(
-        lambda: palindromes.search_palindromes(
-            words, WORD_LENGTH, seed=seed, backend=name, workers=workers
-        )
-    )
-    rows.append(
-        [
+    rows = [
+        _compare(
             f"palindromes in {words:,} words",
-            _seconds(t_seq),
-            _seconds(t_par),
-            _speedup(t_seq, t_par),
-            f"{len(par_words):,} found",
-            "yes" if par_words == seq_words else "NO",
-        ]
-    )
-
-    seq_count, t_seq = _timed(lambda: sieve.segmented_count(limit))
-    par_count, t_par = _timed(lambda: sieve.count_primes(limit, backend=name, workers=workers))
-    rows.append(
-        [
+            lambda: palindromes.WordSource(WORD_LENGTH, seed).palindromes(0, words),
+            lambda: palindromes.search_palindromes(
+                words, WORD_LENGTH, seed=seed, backend=name, workers=workers
+            ),
+            lambda found: f"{len(found):,} found",
+        ),
+        _compare(
             f"count primes <= {limit:,}",
-            _seconds(t_seq),
-            _seconds(t_par),
-            _speedup(t_seq, t_par),
-            f"{par_count:,} primes",
-            "yes" if par_count == seq_count else "NO",
-        ]
-    )
-
-    seq_primes, t_seq = _timed(lambda: sieve.segmented_sieve(limit))
-    par_primes, t_par = _timed(lambda: sieve.primes_up_to(limit, backend=name, workers=workers))
-    last = f", largest {par_primes[-1]:,}" if par_primes else ""
-    rows.append(
-        [
+            lambda: sieve.segmented_count(limit),
+            lambda: sieve.count_primes(limit, backend=name, workers=workers),
+            lambda count: f"{count:,} primes",
+        ),
+        _compare(
             f"list primes <= {limit:,}",
-            _seconds(t_seq),
-            _seconds(t_par),
-            _speedup(t_seq, t_par),
-            f"{len(par_primes):,} primes{last}",
-            "yes" if par_primes == seq_primes else "NO",
-        ]
-    )
-    del seq_primes, par_primes
+            lambda: sieve.segmented_sieve(limit),
+            lambda: sieve.primes_up_to(limit, backend=name, workers=workers),
+            lambda primes: (
+                f"{len(primes):,} primes" + (f", largest {primes[-1]:,}" if primes else "")
+            ),
+        ),
+    ]
 
     click.echo(
         _table(
