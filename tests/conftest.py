@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import procession
-from procession import api
+from procession import pools
 
 settings.register_profile(
     "ci",
@@ -62,9 +62,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _shared_pool_pids() -> set[int]:
     """Workers of the warm pools procession.map keeps between calls (and their helpers)."""
     pids: set[int] = set()
-    with api._shared_lock:
-        backends = list(api._shared.values())
-    for backend in backends:
+    for backend in pools.shared_backends():
         pids |= backend.worker_pids()
     for pid in list(pids):
         try:
@@ -119,4 +117,4 @@ def no_leftover_processes() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    api.shutdown_shared_backends(kill=True)
+    pools.shutdown_shared_pools(kill=True)

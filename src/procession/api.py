@@ -8,13 +8,13 @@ calls (one pool per name and worker count) and stopped at interpreter exit.
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any, ParamSpec, TypeVar
 
+from procession import pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
 from procession.scheduler import MapRun, OnError, settle_future, submit_call
@@ -28,9 +28,6 @@ T = TypeVar("T")
 
 DEFAULT_BACKEND = "process"
 BACKEND_ENV_VAR = "PROCESSION_BACKEND"
-
-_shared_lock = threading.Lock()
-_shared: dict[tuple[str, int | None], Backend] = {}
 
 
 def default_backend_name() -> str:
@@ -63,33 +60,12 @@ def resolve_backend(backend: str | Backend | None, workers: int | None) -> Backe
         raise TypeError(
             f"backend= must be a backend name or a procession.Backend, got {type(backend).__name__}"
         )
-    key = (name, workers)
-    with _shared_lock:
-        found = _shared.get(key)
-        if found is None:
-            found = create_backend(name, workers=workers)
-            _shared[key] = found
-        return found
-
-
-def _forget_shared(backend: Backend) -> None:
-    with _shared_lock:
-        for key, value in list(_shared.items()):
-            if value is backend:
-                del _shared[key]
-    backend.shutdown(wait=False, kill=True)
+    return pools.shared_backend(name, workers)
 
 
 def shutdown_shared_backends(*, kill: bool = False) -> None:
-    """Stop every warm pool that :func:`map` started (they restart on next use)."""
-    with _shared_lock:
-        backends = list(_shared.values())
-        _shared.clear()
-    for backend in backends:
-        backend.shutdown(wait=not kill, kill=kill)
-
-
-atexit.register(shutdown_shared_backends, kill=True)
+    """Stop every warm pool that :func:`map` started (see :mod:`procession.pools`)."""
+    pools.shutdown_shared_pools(kill=kill)
 
 
 def map(
@@ -130,7 +106,7 @@ def map(
         retries=retries,
         on_error=on_error,
         progress=progress,
-        on_abort=(lambda: _forget_shared(chosen)) if not isinstance(backend, Backend) else None,
+        on_abort=None if isinstance(backend, Backend) else lambda: pools.forget_shared_pool(chosen),
     )
     return run
 

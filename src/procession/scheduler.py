@@ -286,6 +286,7 @@ class MapRun:
         self._exhausted = False
         self._input_error: BaseException | None = None
         self._pending: dict[TaskFuture, Chunk] = {}
+        self._aborted = False
         # The loop yields whole chunks of results; chain.from_iterable flattens
         # them in C, so the per-item cost of iterating is that of a list.
         self._batches: Generator[list[Any], None, None] = self._run()
@@ -298,8 +299,28 @@ class MapRun:
         return next(self._flat)
 
     def close(self) -> None:
-        """Stop reading input and cancel in-flight work."""
+        """Stop reading input and cancel in-flight work (from the consuming thread)."""
         self._batches.close()
+
+    def abort(self, *, kill: bool = False) -> None:
+        """Stop this run from any thread; the iterator then ends without more results.
+
+        No more input is read and queued tasks are cancelled.  With ``kill=True``
+        tasks already running are stopped too, by killing (and replacing) their
+        workers on backends that can (``capabilities.kill``); otherwise they
+        finish and their results are dropped.
+
+        Example::
+
+            run = procession.map(slow, items)
+            threading.Timer(5, run.abort, kwargs={"kill": True}).start()
+            partial = list(run)
+        """
+        self._aborted = True
+        can_kill = kill and self._backend.capabilities.kill
+        for future in list(self._pending):
+            if not future.cancel() and can_kill and not future.done():
+                self._backend.kill_task(future)
 
     def __enter__(self) -> MapRun:
         return self
@@ -480,7 +501,7 @@ class MapRun:
         ready: dict[int, Outcome] = {}
         retry: deque[Chunk] = deque()
         next_index = 0
-        while True:
+        while not self._aborted:
             while len(self._pending) + len(ready) < self._window:
                 if retry:
                     self._send(retry.popleft(), ready)
@@ -511,6 +532,8 @@ class MapRun:
             done, _ = wait(
                 list(self._pending), timeout=self._wait_seconds(), return_when=FIRST_COMPLETED
             )
+            if self._aborted:
+                return
             for future in done:
                 task_future: TaskFuture = future  # type: ignore[assignment]
                 chunk = self._pending.pop(task_future)

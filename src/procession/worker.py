@@ -29,7 +29,7 @@ from typing import Any
 
 from procession.serialization.serializers import Serializer, get_serializer
 
-__all__ = ["initialize_worker", "run_task"]
+__all__ = ["in_worker", "initialize_worker", "run_task"]
 
 VERSION = 1
 _FUNCTION_CACHE_SIZE = 64
@@ -40,6 +40,22 @@ _functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
 _functions_lock = threading.Lock()
 
 Failure = tuple[int, bytes | None, str, str, str]
+
+# Set while this thread runs a task's user code (any backend, threads included).
+_task_context = threading.local()
+
+
+def in_worker() -> bool:
+    """True while the calling thread runs a procession task (on any backend).
+
+    Nested parallelism uses it: a ``procession.map`` called from inside a task
+    must not start another pool of its own by default.
+
+    Example::
+
+        procession.map(lambda _: procession.worker.in_worker(), [0])  # yields True
+    """
+    return getattr(_task_context, "depth", 0) > 0
 
 
 def digest(data: bytes) -> bytes:
@@ -99,6 +115,28 @@ def run_task(task: bytes) -> bytes:
         return pickle.dumps((VERSION, None, failures, time.perf_counter() - started), 5)
 
     values: list[Any] = []
+    _task_context.depth = getattr(_task_context, "depth", 0) + 1
+    try:
+        _run_items(fn, items, star, stop_on_error, serializer, values, failures)
+    finally:
+        _task_context.depth -= 1
+    seconds = time.perf_counter() - started
+    try:
+        values_bytes = serializer.dumps(values)
+    except Exception:
+        values_bytes, failures = _salvage_results(values, failures, serializer)
+    return pickle.dumps((VERSION, values_bytes, failures, seconds), 5)
+
+
+def _run_items(
+    fn: Callable[..., Any],
+    items: list[Any],
+    star: bool,
+    stop_on_error: bool,
+    serializer: Serializer,
+    values: list[Any],
+    failures: list[Failure],
+) -> None:
     append = values.append
     position = 0
     count = len(items)
@@ -120,12 +158,6 @@ def run_task(task: bytes) -> bytes:
             if stop_on_error:
                 break
         position = len(values)
-    seconds = time.perf_counter() - started
-    try:
-        values_bytes = serializer.dumps(values)
-    except Exception:
-        values_bytes, failures = _salvage_results(values, failures, serializer)
-    return pickle.dumps((VERSION, values_bytes, failures, seconds), 5)
 
 
 def _salvage_results(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import procession
-from procession import api
+from procession import pools
 
 RAY_TEST_TIMEOUT = 180
 
@@ -36,11 +36,9 @@ def ray_session() -> Iterator[None]:
     before = _ray_processes()
     list(procession.map(abs, [-1], backend="ray"))  # starts the local instance
     yield
-    backend = api._shared.get(("ray", None))
-    if backend is not None:
-        backend.shutdown(wait=False, kill=True)
-        with api._shared_lock:
-            api._shared.pop(("ray", None), None)
+    for backend in pools.shared_backends():
+        if backend.name == "ray":
+            pools.forget_shared_pool(backend, kill=True)
     left = _ray_processes() - before
     assert not left, f"Ray processes left running after shutdown: {sorted(left)}"
 
