@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any, ParamSpec, TypeVar
 
-from procession import pools
+from procession import _nesting, pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
 from procession.scheduler import MapRun, OnError, settle_future, submit_call
@@ -55,12 +55,15 @@ def resolve_backend(backend: str | Backend | None, workers: int | None) -> Backe
                 f"{backend.workers} workers; pass workers= to create_backend() instead"
             )
         return backend
-    name = default_backend_name() if backend is None else backend
-    if not isinstance(name, str):
+    if backend is not None and not isinstance(backend, str):
         raise TypeError(
             f"backend= must be a backend name or a procession.Backend, got {type(backend).__name__}"
         )
-    return pools.shared_backend(name, workers)
+    nested = _nesting.nested_backend(backend)
+    if nested is not None:
+        # Inside a task: never the pool the caller's own task may be running on.
+        return pools.shared_backend(nested, workers, level=_nesting.nesting_level())
+    return pools.shared_backend(default_backend_name() if backend is None else backend, workers)
 
 
 def shutdown_shared_backends(*, kill: bool = False) -> None:
@@ -165,12 +168,14 @@ class Executor(futures.Executor):
             self._owns_backend = False
             self._serializer = get_serializer(serializer, backend.default_serializer)
             return
-        name = default_backend_name() if backend is None else backend
-        if not isinstance(name, str):
+        if backend is not None and not isinstance(backend, str):
             raise TypeError(
                 f"backend= must be a backend name or a procession.Backend, "
                 f"got {type(backend).__name__}"
             )
+        name = _nesting.nested_backend(backend, what="procession.Executor()") or (
+            default_backend_name() if backend is None else backend
+        )
         from procession.backends.registry import get_backend_class
 
         factory = get_backend_class(name)
@@ -207,6 +212,8 @@ class Executor(futures.Executor):
             self._check_open()
             future = submit_call(self._backend, self._serializer, fn, args, kwargs)
             self._pending.add(future)
+        # Accepted work runs to completion at interpreter exit, as in concurrent.futures.
+        pools.accept_work(future)
         future.add_done_callback(self._discard)
         return future
 

@@ -365,6 +365,11 @@ class DaskBackend(Backend):
             self._closed = False
             import distributed
 
+            from procession.pools import drain_first_at_exit
+
+            # After distributed's own exit hooks (its thread pools), so it runs before them.
+            drain_first_at_exit("dask")
+
             client_class: Any = distributed.Client
             client: Any
             if self._given_client is not None:
@@ -855,6 +860,10 @@ def _keep_nannies(cluster: Any) -> None:
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[DaskBackend]) -> None:
+    from procession.pools import drain_accepted_work
+
+    # Work an Executor accepted runs to completion first (concurrent.futures semantics).
+    drain_accepted_work()
     backend = ref()
     if backend is not None:
         backend.shutdown(wait=False, kill=True)

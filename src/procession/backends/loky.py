@@ -295,6 +295,7 @@ class _Generation:
     executor: Any
     number: int
     retired: bool = False
+    accepted: int = 0  # tasks loky took; a fresh executor refusing work is not transient
     records: set[_Record] = field(default_factory=set)
 
 
@@ -313,6 +314,10 @@ _exit_hook_registered = False
 
 
 def _stop_all_pools() -> None:
+    from procession.pools import drain_accepted_work
+
+    # Work an Executor accepted runs to completion first (concurrent.futures semantics).
+    drain_accepted_work()
     for pool in list(_live_pools):
         pool.shutdown(wait=False, kill=True)
 
@@ -335,6 +340,23 @@ def _register_exit_hook() -> None:
 
             atexit.register(_stop_all_pools)
         _exit_hook_registered = True
+
+
+def _rearm_exit_hook() -> None:
+    """Register our exit hook again, after the one loky registers for each new executor.
+
+    loky (3.4) registers its ``_python_exit`` for every executor whose manager
+    thread starts (``threading._register_atexit`` returns None, so its "already
+    registered" check never holds); hooks run last-registered first.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
+            register(_stop_all_pools)
+
+
+def _no_op() -> None:
+    """The warm-up task: starts an executor's manager thread and workers."""
 
 
 class LokyBackend(Backend):
@@ -396,6 +418,7 @@ class LokyBackend(Backend):
         self._killed = False
         self._broken: BaseException | None = None
         self._startup_breaks = 0
+        self._warmed = threading.Event()
 
     @classmethod
     def check_available(cls) -> None:
@@ -420,6 +443,8 @@ class LokyBackend(Backend):
                     raise RuntimeError(f"{self!r} was shut down; create a new backend")
                 return
             self.check_available()
+            # Now, in the caller's thread: once the interpreter is exiting it is too late.
+            _register_exit_hook()
             self._directory = _private_directory()
             self._start_log = os.path.join(self._directory, "started")
             open(self._start_log, "wb").close()
@@ -430,8 +455,12 @@ class LokyBackend(Backend):
             self._dispatcher = threading.Thread(
                 target=self._dispatch_loop, name="procession-loky", daemon=True
             )
+            self._warmed = threading.Event()
             self._dispatcher.start()
             _live_pools.add(self)
+        # Wait until the first executor runs (see _warm_up): from then on our exit
+        # hook is registered after loky's, so it runs first.
+        self._warmed.wait(KILL_GRACE_SECONDS * 6)
 
     def _new_executor(self) -> _Generation:
         import loky
@@ -448,7 +477,6 @@ class LokyBackend(Backend):
             ),
         )
         self._generations += 1
-        _register_exit_hook()
         return _Generation(executor, self._generations)
 
     # -- moving tasks -------------------------------------------------------------
@@ -528,7 +556,30 @@ class LokyBackend(Backend):
 
     # -- the dispatcher thread ----------------------------------------------------
 
+    def _warm_up(self) -> None:
+        """Start the first executor now, from the dispatcher thread.
+
+        loky registers its own exit hook (which refuses new tasks from then on)
+        each time an executor's manager thread starts; the start() call that
+        waits for this returns before the caller's script can end, so the hook
+        that drains accepted work is registered after loky's, and runs first.
+        """
+        try:
+            with self._lock:
+                if self._generation is None and not self._stopped:
+                    self._generation = self._new_executor()
+                generation = self._generation
+            if generation is not None:
+                generation.executor.submit(_no_op)
+                generation.accepted = 1
+        except Exception:
+            pass  # a failing executor is reported by the first real task
+        finally:
+            _rearm_exit_hook()
+            self._warmed.set()
+
     def _dispatch_loop(self) -> None:
+        self._warm_up()
         try:
             while True:
                 with self._lock:
@@ -596,12 +647,25 @@ class LokyBackend(Backend):
                 loky_future = generation.executor.submit(
                     _run_task, record.task_id, self._start_log, record.task
                 )
-            except Exception:
+            except Exception as exc:
                 # Broken or shut down between our check and the submit: retire it.
                 with self._lock:
                     if not generation.retired:
                         self._requeue_generation(generation)
+                    if generation.accepted == 0:
+                        # A fresh executor that takes nothing (loky is shutting down
+                        # with the interpreter): replacing it would loop forever.
+                        self._broken = WorkerCrashedError(
+                            f"loky refused a task on a fresh executor ({exc}); the pool "
+                            f"runs no more tasks"
+                        )
+                        self._broken.__cause__ = exc
+                        error = self._broken
+                        break
                 continue
+            generation.accepted += 1
+            if generation.accepted == 1:
+                _rearm_exit_hook()  # loky registered its hook again for this executor
             loky_future.add_done_callback(lambda done, r=record: self._on_done(r, done))
         self._fail_all(error)  # loky could not start an executor
 

@@ -180,6 +180,10 @@ _live_pools: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
 
 def _stop_all_pools() -> None:
+    from procession.pools import drain_accepted_work
+
+    # Work an Executor accepted runs to completion first (concurrent.futures semantics).
+    drain_accepted_work()
     for pool in list(_live_pools):
         pool.shutdown(wait=False, kill=True)
 
