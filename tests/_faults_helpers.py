@@ -124,3 +124,74 @@ if __name__ == "__main__":
     print(" ".join(str(pid) for pid in sorted(backend.worker_pids())), flush=True)
     # No shutdown on purpose: exiting must stop both pools.
 """
+
+
+# -- tests/test_edges.py ------------------------------------------------------------
+
+
+def inner_pid(_: object) -> int:
+    return os.getpid()
+
+
+def nested_default(n: int) -> tuple[int, bool, bool]:
+    """A map and an Executor inside a task: both run inline, in this very process."""
+    import procession
+
+    pids = set(procession.map(inner_pid, range(n)))
+    with procession.Executor() as ex:
+        pids.add(ex.submit(inner_pid, 0).result())
+    return n, pids == {os.getpid()}, procession.worker.in_worker()
+
+
+def nested_threads(n: int) -> int:
+    """An explicit nested threads map: its own pool, never the caller's."""
+    import procession
+
+    return sum(procession.map(abs, range(-n, 0), backend="threads", workers=2))
+
+
+def nested_explicit(name: str) -> str:
+    """Ask for a process pool inside a task: the error must say why and what to do."""
+    import procession
+
+    try:
+        list(procession.map(abs, [1], backend=name))
+    except procession._nesting.NestedParallelismError as exc:
+        return str(exc)
+    return "no error"
+
+
+def raise_keyboard_interrupt(_: object) -> None:
+    raise KeyboardInterrupt("raised by the task")
+
+
+def kill_some(item: tuple[int, float]) -> int:
+    """Fault injection: SIGKILL this worker with probability ``item[1]``, else return."""
+    import random
+
+    value, probability = item
+    if random.random() < probability:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+EXIT_DRAIN_SCRIPT = """
+import sys, time
+import procession
+
+def note(path, i):
+    time.sleep(0.02)
+    with open(path, "a") as log:
+        log.write(f"{i}\\n")
+    return i
+
+if __name__ == "__main__":
+    backend, mode, path = sys.argv[1:4]
+    ex = procession.Executor(backend=backend, workers=2)
+    futures = [ex.submit(note, path, i) for i in range(20)]
+    cancelled = sum(f.cancel() for f in futures[10:])
+    print(cancelled, flush=True)
+    if mode == "shutdown-nowait":
+        ex.shutdown(wait=False)
+    # mode "no-shutdown": the script just ends
+"""

@@ -87,6 +87,8 @@ KILL_GRACE_SECONDS = 5.0
 # Executors that break this many times in a row before any task starts break the
 # pool (workers that cannot even start: loky would be respawned forever).
 MAX_STARTUP_BREAKS = 3
+# Start-log lines with this task id say that a worker finished starting.
+READY_TASK_ID = 0
 
 # -- the worker side ----------------------------------------------------------------
 
@@ -98,7 +100,10 @@ _streams: list[Any] = []
 
 
 def _init_worker(
-    setup: bytes | None, output_address: str | None = None, log_level: int = logging.WARNING
+    setup: bytes | None,
+    output_address: str | None = None,
+    log_level: int = logging.WARNING,
+    start_log: str | None = None,
 ) -> None:
     """loky's initializer: never raises (loky would respawn the worker forever)."""
     global _init_failure
@@ -120,6 +125,19 @@ def _init_worker(
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         _init_failure = INIT_FAILED + pickle.dumps((name, str(exc), text), 5)
+    if start_log is not None:
+        # "0 pid": this worker finished starting.  Workers that die after this are
+        # not a pool that cannot start, however few tasks they ran.
+        with contextlib.suppress(OSError):
+            _log_line(start_log, f"{READY_TASK_ID} {os.getpid()}\n")
+
+
+def _log_line(start_log: str, line: str) -> None:
+    fd = _log_fds.get(start_log)
+    if fd is None:
+        fd = _log_fds[start_log] = os.open(start_log, os.O_WRONLY | os.O_APPEND)
+    # One small O_APPEND write is atomic: lines from several workers never mix.
+    os.write(fd, line.encode())
 
 
 def _connect_output(address: str, log_level: int) -> None:
@@ -138,11 +156,7 @@ def _connect_output(address: str, log_level: int) -> None:
 
 def _run_task(task_id: int, start_log: str, task: bytes) -> bytes:
     """Record which process runs ``task_id``, then run it."""
-    fd = _log_fds.get(start_log)
-    if fd is None:
-        fd = _log_fds[start_log] = os.open(start_log, os.O_WRONLY | os.O_APPEND)
-    # One small O_APPEND write is atomic: lines from several workers never mix.
-    os.write(fd, f"{task_id} {os.getpid()}\n".encode())
+    _log_line(start_log, f"{task_id} {os.getpid()}\n")
     if _init_failure is not None:
         return _init_failure
     result = runtime.run_task(task)
@@ -295,6 +309,7 @@ class _Generation:
     executor: Any
     number: int
     retired: bool = False
+    ready: bool = False  # a worker of this executor finished starting
     accepted: int = 0  # tasks loky took; a fresh executor refusing work is not transient
     records: set[_Record] = field(default_factory=set)
 
@@ -307,6 +322,7 @@ class _Record:
     generation: _Generation | None = None
     handled: bool = False
     pid: int | None = None  # the worker running it, once its start line was seen
+    loky_future: Future[bytes] | None = None
 
 
 _live_pools: weakref.WeakSet[LokyBackend] = weakref.WeakSet()
@@ -474,6 +490,7 @@ class LokyBackend(Backend):
                 self.worker_setup,
                 None if self._output is None else self._output.address,
                 logging.getLogger().getEffectiveLevel(),
+                self._start_log,
             ),
         )
         self._generations += 1
@@ -493,7 +510,25 @@ class LokyBackend(Backend):
                 self._wakeup.notify()
         if broken is not None:
             _settle(future, broken)
+        else:
+            future.add_done_callback(self._on_future_done)
         return future
+
+    def _on_future_done(self, future: Future[bytes]) -> None:
+        """A task not yet started was cancelled: take it back from loky's queue too.
+
+        A queued record is skipped by the dispatcher; one handed to loky but not
+        yet running there is cancelled in loky (if loky already moved it to a
+        worker it runs, and its result is dropped).
+        """
+        if not future.cancelled():
+            return
+        with self._lock:
+            generation = self._generation
+            records = list(generation.records) if generation is not None else []
+        for record in records:
+            if record.future is future and record.loky_future is not None:
+                record.loky_future.cancel()
 
     def worker_pids(self) -> set[int]:
         with self._lock:
@@ -626,7 +661,7 @@ class LokyBackend(Backend):
                             self._log_offset = 0
                     return
                 record = self._queue.popleft()
-                if not (record.future.running() or record.future.set_running_or_notify_cancel()):
+                if record.future.cancelled():
                     continue  # cancelled while queued
                 if self._generation is None:
                     try:
@@ -663,6 +698,7 @@ class LokyBackend(Backend):
                         error = self._broken
                         break
                 continue
+            record.loky_future = loky_future
             generation.accepted += 1
             if generation.accepted == 1:
                 _rearm_exit_hook()  # loky registered its hook again for this executor
@@ -680,7 +716,13 @@ class LokyBackend(Backend):
             if record.handled or generation is None:
                 return
             error = None if done.cancelled() else done.exception()
-            if isinstance(error, BrokenProcessPool) and not generation.retired:
+            if done.cancelled() and not generation.retired:
+                # Cancelled in loky's queue (after our future was cancelled), or by loky.
+                self._finish(record)
+                self._wakeup.notify()
+                error = WorkerCrashedError("loky cancelled this task before it started")
+                outcome = (None, error)
+            elif isinstance(error, BrokenProcessPool) and not generation.retired:
                 crashed = self._classify_break(generation, error)
             elif not generation.retired:
                 self._finish(record)
@@ -713,7 +755,9 @@ class LokyBackend(Backend):
         started = [r for r in unfinished if r.pid is not None]
         dead = [r for r in started if _pid_is_dead(r.pid)]  # type: ignore[arg-type]
         culprits = dead or started
-        if started:
+        if started or generation.ready:
+            # Workers that started and then died (killed, crashed in a task) heal:
+            # the next executor is as good as this one was.
             self._startup_breaks = 0
         else:
             self._startup_breaks += 1
@@ -722,8 +766,8 @@ class LokyBackend(Backend):
                 how = exit_reason(code) if code is not None else _exitcodes_text(error)
                 broken = WorkerCrashedError(
                     f"loky's workers died {self._startup_breaks} times in a row before "
-                    f"running any task, the last time a worker {how}; the pool runs no "
-                    f"more tasks (a worker's own error is printed on stderr)",
+                    f"any of them finished starting, the last time a worker {how}; the "
+                    f"pool runs no more tasks (a worker's own error is printed on stderr)",
                     exitcode=code,
                 )
                 broken.__cause__ = error
@@ -759,10 +803,17 @@ class LokyBackend(Backend):
         self._log_offset += len(complete)
         for line in complete.splitlines():
             task_id, _, pid = line.partition(b" ")
+            if int(task_id) == READY_TASK_ID:
+                if self._generation is not None:
+                    self._generation.ready = True
+                continue
             record = self._by_id.get(int(task_id))
             if record is not None and record.pid is None:
                 record.pid = int(pid)
-                record.future.mark_started(record.pid)
+                # Running now: from here on cancel() fails, as in concurrent.futures.
+                future = record.future
+                if future.running() or future.set_running_or_notify_cancel():
+                    future.mark_started(record.pid)
 
     def _break_on_init(self, payload: bytes) -> WorkerCrashedError:
         type_name, text, tb_text = pickle.loads(payload)
