@@ -9,6 +9,7 @@ calls (one pool per name and worker count) and stopped at interpreter exit.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -17,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from procession import _nesting, pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
+from procession.errors import RemoteTraceback
 from procession.scheduler import MapRun, OnError, settle_future, submit_call
 from procession.serialization.serializers import Serializer, get_serializer
 from procession.worker import encode_setup
@@ -71,6 +73,23 @@ def shutdown_shared_backends(*, kill: bool = False) -> None:
     pools.shutdown_shared_pools(kill=kill)
 
 
+def _on_ctrl_c(stop: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a run's abort action so it fires for a real Ctrl-C only.
+
+    The scheduler calls it while a KeyboardInterrupt propagates.  One that a
+    task raised is that task's exception (it carries the worker's traceback as
+    ``__cause__``): the pool that reported it is healthy and stays warm.
+    """
+
+    def on_abort() -> None:
+        raised = sys.exc_info()[1]
+        if isinstance(raised, KeyboardInterrupt) and isinstance(raised.__cause__, RemoteTraceback):
+            return
+        stop()
+
+    return on_abort
+
+
 def map(
     fn: Callable[..., T],
     iterable: Iterable[Any],
@@ -109,7 +128,9 @@ def map(
         retries=retries,
         on_error=on_error,
         progress=progress,
-        on_abort=None if isinstance(backend, Backend) else lambda: pools.forget_shared_pool(chosen),
+        on_abort=None
+        if isinstance(backend, Backend)
+        else _on_ctrl_c(lambda: pools.forget_shared_pool(chosen)),
     )
     return run
 
@@ -257,7 +278,7 @@ class Executor(futures.Executor):
             retries=retries,
             on_error=on_error,
             progress=progress,
-            on_abort=self.kill_workers,
+            on_abort=_on_ctrl_c(self.kill_workers),
         )
         return run
 
