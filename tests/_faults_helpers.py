@@ -195,3 +195,11 @@ if __name__ == "__main__":
         ex.shutdown(wait=False)
     # mode "no-shutdown": the script just ends
 """
+
+
+def busy_identity(item: int) -> int:
+    """About 50 microseconds of work: a 100k-item map takes seconds, not minutes."""
+    deadline = time.perf_counter() + 0.00005
+    while time.perf_counter() < deadline:
+        pass
+    return item

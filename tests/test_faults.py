@@ -521,3 +521,75 @@ def test_twenty_rounds_of_faults_leave_nothing_behind(fault_backend: str) -> Non
     assert wait_until(lambda: threading.active_count() <= threads, 5), threading.enumerate()
     assert wait_until(lambda: _open_fds() <= fds, 5), (_open_fds(), fds)
     assert wait_until(lambda: _my_children() <= children, 5)
+
+
+# -- fault injection: random SIGKILLs during a long map --------------------------------
+
+INJECTION_ITEMS = 100_000
+INJECTION_KILLS = 4
+
+
+def _kill_workers_at_random(
+    backend: procession.Backend, stop: threading.Event, killed: list[int], seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    while not stop.wait(rng.uniform(0.2, 0.6)) and len(killed) < INJECTION_KILLS:
+        # Workers past start-up, as in production: a pool whose fresh workers die
+        # before they finish starting is a broken environment, not a crash to heal.
+        now = time.time()
+        pids = []
+        for pid in sorted(backend.worker_pids()):
+            try:
+                if now - psutil.Process(pid).create_time() > 1.5:
+                    pids.append(pid)
+            except psutil.Error:
+                continue
+        if not pids:
+            continue
+        pid = rng.choice(pids)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        killed.append(pid)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_random_worker_kills_during_a_long_map(crash_backend_name: str, ordered: bool) -> None:
+    """Every item exactly once, however many workers die under the map (retries=)."""
+    from _faults_helpers import busy_identity
+
+    backend = procession.create_backend(crash_backend_name, workers=WORKERS)
+    stop, killed = threading.Event(), []
+    try:
+        backend.start()
+        killer = threading.Thread(
+            target=_kill_workers_at_random, args=(backend, stop, killed, 17), daemon=True
+        )
+        killer.start()
+        results = list(
+            procession.map(
+                busy_identity,
+                range(INJECTION_ITEMS),
+                backend=backend,
+                ordered=ordered,
+                retries=3,
+            )
+        )
+        stop.set()
+        killer.join(5)
+    finally:
+        stop.set()
+        backend.shutdown(kill=True)
+    if ordered:
+        assert results == list(range(INJECTION_ITEMS))
+    else:
+        counts = Counter(results)
+        assert len(results) == INJECTION_ITEMS
+        assert set(counts) == set(range(INJECTION_ITEMS))
+        assert max(counts.values()) == 1
+    # The map ran long enough for the killer to strike (else the test proves nothing).
+    assert killed, "no worker was killed during the map"
