@@ -203,3 +203,26 @@ def busy_identity(item: int) -> int:
     while time.perf_counter() < deadline:
         pass
     return item
+
+
+def start_grandchild(_: object) -> int:
+    """A task that starts a long-lived child process and returns without waiting."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    return child.pid
+
+
+LEFTOVERS_SCRIPT = """
+import multiprocessing.util, sys, time
+import procession
+
+if __name__ == "__main__":
+    backend = procession.create_backend(sys.argv[1], workers=2)
+    results = procession.map(time.sleep, [0.01, 60, 60], backend=backend, chunksize=1)
+    next(results)
+    time.sleep(0.5)
+    folder = getattr(backend, "_directory", "") or multiprocessing.util.get_temp_dir()
+    print(folder, flush=True)
+    list(results)
+"""

@@ -6,18 +6,27 @@ fault injection lives in tests/test_faults.py.
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from _faults_helpers import (
     EXIT_DRAIN_SCRIPT,
+    LEFTOVERS_SCRIPT,
     nested_default,
     nested_explicit,
     nested_threads,
     raise_keyboard_interrupt,
+    start_grandchild,
 )
 
 import procession
@@ -127,3 +136,81 @@ def test_keyboard_interrupt_in_a_task_is_the_tasks_error(backend_name: str) -> N
         with pytest.raises(KeyboardInterrupt):
             list(ex.map(raise_keyboard_interrupt, [0, 1]))
         assert list(ex.map(abs, [-4])) == [4]
+
+
+# -- 11. leftovers ------------------------------------------------------------------
+
+LOCAL_POOLS = ["loky", "multiprocessing", "process"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pool", LOCAL_POOLS)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_parent_killed_leaves_no_temp_folder(pool: str, how: int, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(LEFTOVERS_SCRIPT))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), pool],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        folder = Path(proc.stdout.readline().strip())
+        # pymp-* (fork server listener) or procession-loky-* (start log, output socket)
+        assert folder.name.startswith(("pymp-", "procession-loky-")), folder
+        assert folder.exists()
+        proc.send_signal(how)
+        proc.wait(10)
+        assert _wait(lambda: not folder.exists(), 10), sorted(folder.iterdir())
+        # loky's named semaphores are unlinked too (by loky's resource tracker).
+        semaphores = f"/dev/shm/sem.loky-{proc.pid}-*"
+        assert _wait(lambda: not glob.glob(semaphores), 10), glob.glob(semaphores)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pool", LOCAL_POOLS)
+def test_children_of_tasks_die_with_the_pool(pool: str) -> None:
+    backend = procession.create_backend(pool, workers=2)
+    try:
+        pids = list(procession.map(start_grandchild, range(2), backend=backend, chunksize=1))
+        assert all(psutil.pid_exists(pid) for pid in pids)
+    finally:
+        backend.shutdown(wait=True)
+    assert _wait(lambda: all(_gone(pid) for pid in pids), 10)
+
+
+@pytest.mark.timeout(90)
+def test_dask_leaves_no_scratch_space() -> None:
+    backend = procession.create_backend("dask", workers=1)
+    try:
+        assert list(procession.map(abs, [-1, -2], backend=backend)) == [1, 2]
+        scratch = backend._scratch
+        assert scratch is not None and Path(scratch).exists()
+        assert (Path(scratch) / "dask-scratch-space").exists()
+    finally:
+        backend.shutdown(wait=True)
+    assert not Path(scratch).exists()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

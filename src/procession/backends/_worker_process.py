@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -36,6 +37,8 @@ __all__ = [
     "die_with_parent",
     "exit_reason",
     "install_forwarders",
+    "kill_process_group",
+    "lead_process_group",
     "watch_parent",
 ]
 
@@ -82,7 +85,15 @@ def die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _watch_lifeline(lifeline: Connection | None, parent: int) -> None:
+def _orphaned(leftovers: tuple[str, ...]) -> None:
+    """The parent died without cleaning up (SIGKILL, SIGTERM): do it for it, then exit."""
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    kill_process_group(os.getpid(), include_self=False)
+    os._exit(70)
+
+
+def _watch_lifeline(lifeline: Connection | None, parent: int, leftovers: tuple[str, ...]) -> None:
     while True:
         try:
             if lifeline is None:
@@ -90,24 +101,61 @@ def _watch_lifeline(lifeline: Connection | None, parent: int) -> None:
             elif lifeline.poll(0.5):
                 lifeline.recv_bytes()  # only EOFError is expected: the parent never writes
         except (EOFError, OSError):
-            os._exit(70)
+            _orphaned(leftovers)
         if os.getppid() != parent:
-            os._exit(70)
+            _orphaned(leftovers)
 
 
-def watch_parent(lifeline: Connection | None = None) -> None:
+def watch_parent(lifeline: Connection | None = None, leftovers: tuple[str, ...] = ()) -> None:
     """Start a daemon thread that ends this process once the parent is gone.
 
     ``lifeline`` is the read end of a pipe whose write end only the parent
     holds: the kernel closes it when the parent dies, however it dies, and the
     thread exits the process even while the main thread is stuck in a task.
+    ``leftovers`` are the parent's temporary directories (multiprocessing's
+    ``pymp-*`` listener folder, loky's private folder) that a parent killed
+    by SIGKILL or SIGTERM could not remove: the first worker to notice removes them.
     """
     threading.Thread(
         target=_watch_lifeline,
-        args=(lifeline, os.getppid()),
+        args=(lifeline, os.getppid(), leftovers),
         name="procession-lifeline",
         daemon=True,
     ).start()
+
+
+def lead_process_group() -> None:
+    """Make this worker the leader of a new process group (POSIX).
+
+    Whatever a task starts with ``subprocess.Popen`` or ``os.fork`` joins the
+    group, so the pool can stop it with the worker (:func:`kill_process_group`)
+    instead of leaving it orphaned (and holding the forkserver's pipes).
+    Ctrl-C is unaffected: workers ignore SIGINT, the parent handles it.
+    """
+    if hasattr(os, "setpgid"):
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+
+
+def kill_process_group(leader: int | None, *, include_self: bool = True) -> None:
+    """SIGKILL what is left of the process group a worker led (its tasks' children).
+
+    Safe after the worker itself was reaped: a group id is not reused while any
+    member of the group lives.  ``include_self=False`` spares the calling process.
+    """
+    if leader is None or not hasattr(os, "killpg"):
+        return
+    try:
+        if os.getpgid(0) == leader and not include_self:
+            # We are the leader, about to exit: signal every other member.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.killpg(leader, signal.SIGTERM)
+            return
+        if leader == os.getpgid(0):
+            return  # never our own group (a worker that did not lead one)
+        os.killpg(leader, signal.SIGKILL)
+    except OSError:
+        pass  # no such group: nothing was left
 
 
 class _LineForwarder(io.TextIOBase):

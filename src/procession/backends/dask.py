@@ -58,7 +58,9 @@ import importlib.util
 import itertools
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -296,6 +298,7 @@ class DaskBackend(Backend):
         self._exit_hook: Callable[[], None] | None = None
         # Embedded clusters being closed (a later kill must still reach them).
         self._closing: list[Any] = []
+        self._scratch: str | None = None  # the embedded cluster's local_directory
 
     # -- options -----------------------------------------------------------------
 
@@ -425,6 +428,11 @@ class DaskBackend(Backend):
             "preload": [__name__],
         }
         options.update(self._cluster_options)
+        if "local_directory" not in self._cluster_options:
+            # Our own scratch folder, removed at shutdown: Dask's default
+            # ($TMPDIR/dask-scratch-space) keeps the workers' lock files after a run.
+            self._scratch = tempfile.mkdtemp(prefix="procession-dask-")
+            options["local_directory"] = self._scratch
         self._one_thread_workers = options["threads_per_worker"] == 1
         # allowed-failures=0: a task whose worker died fails at once, so that
         # procession's retries= (not Dask) decides whether it runs again.
@@ -463,6 +471,7 @@ class DaskBackend(Backend):
                 _stop_cluster_now(old)
             if client is not None:
                 self._close(client, cluster, wait=False)
+            self._remove_scratch()
             return
         if client is None:
             return
@@ -508,6 +517,13 @@ class DaskBackend(Backend):
             with self._lock:
                 if cluster in self._closing:
                     self._closing.remove(cluster)
+            self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        with self._lock:
+            scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def worker_pids(self) -> set[int]:
         """Pids of the embedded cluster's worker processes (empty for an existing cluster:

@@ -73,6 +73,8 @@ from procession.backends._worker_process import (
     die_with_parent,
     exit_reason,
     install_forwarders,
+    kill_process_group,
+    lead_process_group,
     watch_parent,
 )
 from procession.backends.base import Backend, Capabilities, TaskFuture
@@ -108,8 +110,10 @@ def _init_worker(
     """loky's initializer: never raises (loky would respawn the worker forever)."""
     global _init_failure
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lead_process_group()
     die_with_parent()
-    watch_parent()
+    # Our private folder goes with us if the parent is killed (SIGKILL, SIGTERM).
+    watch_parent(leftovers=() if start_log is None else (os.path.dirname(start_log),))
     if output_address is not None:
         try:
             # loky enables faulthandler on sys.stderr after this initializer; do it
@@ -358,6 +362,22 @@ def _register_exit_hook() -> None:
         _exit_hook_registered = True
 
 
+def _track_folder(path: str, *, register: bool) -> None:
+    """Hand our private folder to loky's resource tracker, which outlives us.
+
+    If this process is killed (SIGKILL, or SIGTERM without a handler) no clean-up
+    code runs here; the tracker notices and removes the folder (and loky's
+    semaphores), as it does for joblib's memmapping folders.
+    """
+    with contextlib.suppress(Exception):
+        from loky.backend import resource_tracker
+
+        if register:
+            resource_tracker.register(path, "folder")
+        else:
+            resource_tracker.unregister(path, "folder")
+
+
 def _rearm_exit_hook() -> None:
     """Register our exit hook again, after the one loky registers for each new executor.
 
@@ -462,6 +482,7 @@ class LokyBackend(Backend):
             # Now, in the caller's thread: once the interpreter is exiting it is too late.
             _register_exit_hook()
             self._directory = _private_directory()
+            _track_folder(self._directory, register=True)
             self._start_log = os.path.join(self._directory, "started")
             open(self._start_log, "wb").close()
             if self.forward_output:
@@ -855,10 +876,14 @@ class LokyBackend(Backend):
                 self._generation = None
             kill = self._killed or self._broken is not None
         self._fail_all(WorkerCrashedError("the loky pool was shut down"))
+        leaders = {int(pid) for ex in executors for pid in list(getattr(ex, "_processes", {}))}
         self._join_executors(executors, kill=kill)
+        for leader in leaders:
+            kill_process_group(leader)  # what the tasks started dies with the workers
         if self._output is not None:
             self._output.close()
         shutil.rmtree(self._directory, ignore_errors=True)
+        _track_folder(self._directory, register=False)
         _live_pools.discard(self)
 
     @staticmethod

@@ -64,6 +64,8 @@ from procession.backends._worker_process import (
     describe_exit,
     die_with_parent,
     install_forwarders,
+    kill_process_group,
+    lead_process_group,
     watch_parent,
 )
 from procession.backends.base import Backend, Capabilities, TaskFuture
@@ -90,11 +92,13 @@ def _worker_main(
     forward_output: bool,
     log_level: int,
     death_signal: bool,
+    leftovers: tuple[str, ...] = (),
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lead_process_group()
     if death_signal:
         die_with_parent()
-    watch_parent(lifeline)
+    watch_parent(lifeline, leftovers)
     send_lock = threading.Lock()  # a task's own threads may print too
 
     def send(message: bytes) -> None:
@@ -255,6 +259,7 @@ class ProcessBackend(Backend):
         self._stopped = False
         self._broken: BaseException | None = None
         self._startup_failures = 0
+        self._leftovers: tuple[str, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -270,6 +275,10 @@ class ProcessBackend(Backend):
                 return
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_w, False)
+            if self.start_method == "forkserver":
+                # The fork server's listener socket lives in this pymp-* folder; if we
+                # die by SIGKILL/SIGTERM our workers remove it (no atexit runs then).
+                self._leftovers = (multiprocessing.util.get_temp_dir(),)
             for _ in range(self.workers):
                 self._workers.append(self._spawn())
             self._dispatcher = threading.Thread(
@@ -290,6 +299,7 @@ class ProcessBackend(Backend):
                 self.forward_output,
                 logging.getLogger().getEffectiveLevel(),
                 self.start_method == "forkserver",
+                self._leftovers,
             ),
             name="procession-worker",
             daemon=False,  # daemonic processes may not start their own children
@@ -450,6 +460,7 @@ class ProcessBackend(Backend):
                 break
         w.process.join(timeout=1.0)
         pid, exitcode = w.process.pid, w.process.exitcode
+        kill_process_group(pid)  # what its tasks started dies with it
         with self._lock:
             if w in self._workers:
                 self._workers.remove(w)
@@ -490,6 +501,7 @@ class ProcessBackend(Backend):
             if w.process.exitcode is None:
                 w.process.kill()
                 w.process.join(timeout=1.0)
+            kill_process_group(w.process.pid)
             self._close_worker(w)
         self._workers.clear()
         self._stopped = True
@@ -556,6 +568,7 @@ class ProcessBackend(Backend):
         if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
             self._dispatcher.join(timeout=KILL_GRACE_SECONDS)
         for w in workers:
+            kill_process_group(w.process.pid)
             self._close_worker(w)
         _live_pools.discard(self)
 
