@@ -89,7 +89,10 @@ def _orphaned(leftovers: tuple[str, ...]) -> None:
     """The parent died without cleaning up (SIGKILL, SIGTERM): do it for it, then exit."""
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
-    kill_process_group(os.getpid(), include_self=False)
+    if hasattr(os, "killpg") and os.getpgid(0) == os.getpid():
+        # We lead our group: what our tasks started goes with us (we included).
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpid(), signal.SIGKILL)
     os._exit(70)
 
 
@@ -137,22 +140,17 @@ def lead_process_group() -> None:
             os.setpgid(0, 0)
 
 
-def kill_process_group(leader: int | None, *, include_self: bool = True) -> None:
+def kill_process_group(leader: int | None) -> None:
     """SIGKILL what is left of the process group a worker led (its tasks' children).
 
     Safe after the worker itself was reaped: a group id is not reused while any
-    member of the group lives.  ``include_self=False`` spares the calling process.
+    member of the group lives.
     """
     if leader is None or not hasattr(os, "killpg"):
         return
     try:
-        if os.getpgid(0) == leader and not include_self:
-            # We are the leader, about to exit: signal every other member.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            os.killpg(leader, signal.SIGTERM)
-            return
         if leader == os.getpgid(0):
-            return  # never our own group (a worker that did not lead one)
+            return  # never our own group
         os.killpg(leader, signal.SIGKILL)
     except OSError:
         pass  # no such group: nothing was left
