@@ -91,7 +91,7 @@ _futures.__getattr__ = __getattr__
 '''
 
 # Runs inside the throwaway environment: build the test classes, run them.
-INNER = '''
+INNER = """
 import multiprocessing, sys, unittest
 from concurrent import futures
 from test.test_concurrent_futures import util
@@ -127,7 +127,8 @@ for module_name, class_name in suites.items():
     for test in loader.loadTestsFromTestCase(case):
         method = test._testMethodName
         if method in private:
-            setattr(case, method, unittest.skip("private: " + private[method])(getattr(case, method)))
+            skip = unittest.skip("private: " + private[method])
+            setattr(case, method, skip(getattr(case, method)))
         suite.addTest(test)
 util.setup_module()
 result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
@@ -138,7 +139,7 @@ print("SUMMARY", backend, "run", result.testsRun, "failed", len(failed),
 for test_id in failed:
     print("FAILED", test_id, flush=True)
 sys.exit(1 if failed else 0)
-'''
+"""
 
 
 def find_python(explicit: str | None) -> str | None:
@@ -202,7 +203,7 @@ def main() -> int:
             print(f"== {backend} ({python})", flush=True)
             try:
                 done = subprocess.run(
-                    [str(bin_python), str(script), backend, args.k],
+                    [str(bin_python), "-u", str(script), backend, args.k],
                     cwd=tmp,
                     timeout=args.timeout,
                 )

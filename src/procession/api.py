@@ -226,6 +226,9 @@ class Executor(futures.Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if pools.interpreter_exiting():
+            # As concurrent.futures: exit waits for accepted work, and accepts no more.
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> futures.Future[T]:
         """Run ``fn(*args, **kwargs)`` on a worker; returns a concurrent.futures.Future."""

@@ -27,6 +27,7 @@ __all__ = [
     "drain_accepted_work",
     "drain_first_at_exit",
     "forget_shared_pool",
+    "interpreter_exiting",
     "shared_backend",
     "shared_backends",
     "shutdown_shared_pools",
@@ -89,6 +90,12 @@ def shutdown_shared_pools(*, kill: bool = False) -> None:
 _accepted_lock = threading.Lock()
 _accepted: set[futures.Future[object]] = set()
 _drain_registrations: set[str] = set()
+_exiting = False
+
+
+def interpreter_exiting() -> bool:
+    """True once the interpreter started to exit (Executors then refuse new work)."""
+    return _exiting
 
 
 def accept_work(future: futures.Future[object]) -> None:
@@ -110,6 +117,8 @@ def drain_accepted_work() -> None:
     semantics: ``shutdown(wait=False)`` or no shutdown at all still runs the
     work).  Cheap when nothing is pending.
     """
+    global _exiting
+    _exiting = True
     while True:
         with _accepted_lock:
             pending = [f for f in _accepted if not f.done()]
@@ -141,8 +150,9 @@ def _stop_shared_pools_at_exit() -> None:
 
 def _reset_after_fork() -> None:
     # The parent's pools (threads, pipes, locks) are not ours to use or stop.
-    global _lock, _accepted_lock
+    global _lock, _accepted_lock, _exiting
     _lock = threading.Lock()
+    _exiting = False
     _pools.clear()
     _accepted_lock = threading.Lock()
     _accepted.clear()
