@@ -226,3 +226,20 @@ if __name__ == "__main__":
     print(folder, flush=True)
     list(results)
 """
+
+
+SUBMIT_AT_EXIT_SCRIPT = """
+import atexit, sys
+import procession
+
+@atexit.register
+def submit_late():
+    try:
+        ex.submit(abs, -1)
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+
+if __name__ == "__main__":
+    ex = procession.Executor(backend=sys.argv[1], workers=2)
+    print(ex.submit(abs, -42).result(), flush=True)
+"""

@@ -22,6 +22,7 @@ import pytest
 from _faults_helpers import (
     EXIT_DRAIN_SCRIPT,
     LEFTOVERS_SCRIPT,
+    SUBMIT_AT_EXIT_SCRIPT,
     nested_default,
     nested_explicit,
     nested_threads,
@@ -214,3 +215,30 @@ def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+# -- edges found by CPython's own executor tests (tools/run_cpython_futures_tests.py) --
+
+
+@pytest.mark.timeout(90)
+def test_submit_during_interpreter_exit_is_refused(backend_name: str, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SUBMIT_AT_EXIT_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script), backend_name],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=HERE,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [
+        "42",
+        "refused: cannot schedule new futures after interpreter shutdown",
+    ]
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_max_workers_below_one_says_so(count: int) -> None:
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        procession.Executor(max_workers=count)

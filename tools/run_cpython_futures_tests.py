@@ -123,16 +123,17 @@ for module_name, class_name in suites.items():
     if hasattr(mixin, "TIMEOUT"):
         mixin.TIMEOUT = 60  # a deadlock fails in a minute, not in five
     case = type(class_name + "_" + backend, (mixin, ProcessionMixin, util.BaseTestCase),
-                {{"__module__": module.__name__}})
+                {{"__module__": __name__}})
     for test in loader.loadTestsFromTestCase(case):
         method = test._testMethodName
         if method in private:
             skip = unittest.skip("private: " + private[method])
             setattr(case, method, skip(getattr(case, method)))
         suite.addTest(test)
-util.setup_module()
-result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
-unittest.case.doModuleCleanups()
+# The classes live in this script, not in CPython's modules, so their setUpModule
+# does not run: its clean-up stops multiprocessing's fork server and resource
+# tracker for the whole process (and waits for them), which only CPython's runner wants.
+result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
 failed = [t.id() for t, _ in result.failures + result.errors]
 print("SUMMARY", backend, "run", result.testsRun, "failed", len(failed),
       "skipped", len(result.skipped), flush=True)

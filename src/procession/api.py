@@ -166,6 +166,9 @@ class Executor(futures.Executor):
         if isinstance(backend, int) and not isinstance(backend, bool):
             # ProcessPoolExecutor(4): the first positional argument is max_workers.
             backend, max_workers = None, backend
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            # ProcessPoolExecutor's own words, which code written for it may match.
+            raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
         if workers is not None and max_workers is not None and workers != max_workers:
             raise ValueError(f"workers={workers} and max_workers={max_workers} disagree; pass one")
         count = _check_workers(workers if workers is not None else max_workers)
