@@ -14,7 +14,7 @@ Usage (from the repository root)::
         --backends process,loky,multiprocessing -k test_cancel
 
 It makes a throwaway virtual environment with ``uv`` (procession installed
-editable, plus loky and psutil) and runs the tests there, one backend per
+from this checkout, plus loky and psutil) and runs the tests there, one backend per
 child process.  Exit status: 0 when every selected test passed, 1 otherwise,
 2 when no interpreter with the test package was found (nothing was run).
 
@@ -92,54 +92,62 @@ _futures.__getattr__ = __getattr__
 
 # Runs inside the throwaway environment: build the test classes, run them.
 INNER = """
-import multiprocessing, sys, unittest
+import importlib, sys, unittest
 from concurrent import futures
 from test.test_concurrent_futures import util
-import importlib
-
-backend, pattern = sys.argv[1], sys.argv[2]
-suites = {suites!r}
-private = {private!r}
-name = "Procession" + backend.capitalize() + "Executor"
-executor_type = getattr(futures, name)
 
 
-class ProcessionMixin(util.ExecutorMixin):
-    pass
+def main():
+    backend, pattern = sys.argv[1], sys.argv[2]
+    suites = {suites!r}
+    private = {private!r}
+    executor_type = getattr(futures, "Procession" + backend.capitalize() + "Executor")
+
+    class ProcessionMixin(util.ExecutorMixin):
+        pass
+
+    ProcessionMixin.executor_type = executor_type
+    # Our backends choose their own start method; no ``ctx`` attribute, so the
+    # tests that would switch the global start method leave it alone.
+    ProcessionMixin.get_context = lambda self: None
+
+    loader = unittest.TestLoader()
+    if pattern:
+        loader.testNamePatterns = ["*" + pattern + "*"]
+    suite = unittest.TestSuite()
+    for module_name, class_name in suites.items():
+        module = importlib.import_module("test.test_concurrent_futures." + module_name)
+        mixin = getattr(module, class_name)
+        if hasattr(mixin, "TIMEOUT"):
+            mixin.TIMEOUT = 60  # a deadlock fails in a minute, not in five
+        # The classes live in this script, not in CPython's modules, so their
+        # setUpModule does not run: its clean-up stops multiprocessing's fork server
+        # and resource tracker for the whole process, which only CPython's runner wants.
+        case = type(class_name + "_" + backend, (mixin, ProcessionMixin, util.BaseTestCase),
+                    {{"__module__": __name__}})
+        for test in loader.loadTestsFromTestCase(case):
+            method = test._testMethodName
+            if method in private:
+                skip = unittest.skip("private: " + private[method])
+                setattr(case, method, skip(getattr(case, method)))
+            suite.addTest(test)
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
+    failed = [t.id() for t, _ in result.failures + result.errors]
+    print("SUMMARY", backend, "run", result.testsRun, "failed", len(failed),
+          "skipped", len(result.skipped), flush=True)
+    for test_id in failed:
+        print("FAILED", test_id, flush=True)
+    sys.stdout.flush()
+    # Futures the tests left unfinished (a deadlock they detected) would hold up
+    # the exit drain forever: leave now, the results are out.
+    import os
+    os._exit(1 if failed else 0)
 
 
-ProcessionMixin.executor_type = executor_type
-# Our backends choose their own start method; no ``ctx`` attribute, so the tests
-# that would switch the global start method leave it alone.
-ProcessionMixin.get_context = lambda self: None
-
-loader = unittest.TestLoader()
-if pattern:
-    loader.testNamePatterns = ["*" + pattern + "*"]
-suite = unittest.TestSuite()
-for module_name, class_name in suites.items():
-    module = importlib.import_module("test.test_concurrent_futures." + module_name)
-    mixin = getattr(module, class_name)
-    if hasattr(mixin, "TIMEOUT"):
-        mixin.TIMEOUT = 60  # a deadlock fails in a minute, not in five
-    case = type(class_name + "_" + backend, (mixin, ProcessionMixin, util.BaseTestCase),
-                {{"__module__": __name__}})
-    for test in loader.loadTestsFromTestCase(case):
-        method = test._testMethodName
-        if method in private:
-            skip = unittest.skip("private: " + private[method])
-            setattr(case, method, skip(getattr(case, method)))
-        suite.addTest(test)
-# The classes live in this script, not in CPython's modules, so their setUpModule
-# does not run: its clean-up stops multiprocessing's fork server and resource
-# tracker for the whole process (and waits for them), which only CPython's runner wants.
-result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(suite)
-failed = [t.id() for t, _ in result.failures + result.errors]
-print("SUMMARY", backend, "run", result.testsRun, "failed", len(failed),
-      "skipped", len(result.skipped), flush=True)
-for test_id in failed:
-    print("FAILED", test_id, flush=True)
-sys.exit(1 if failed else 0)
+# Workers of the multiprocessing backend import this script again (as the
+# standard library does): only the main process runs the tests.
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -163,12 +171,13 @@ def find_python(explicit: str | None) -> str | None:
 
 
 def make_environment(python: str, where: Path) -> Path:
-    """A throwaway venv with procession (editable), loky and psutil, plus the shim."""
+    """A throwaway venv with procession (installed from this checkout, not editable:
+    the checkout may change while the tests run), loky and psutil, plus the shim."""
     venv = where / "venv"
     subprocess.run(["uv", "venv", "-q", "-p", python, str(venv)], check=True)
     bin_python = venv / "bin" / "python"
     subprocess.run(
-        ["uv", "pip", "install", "-q", "-p", str(bin_python), "-e", str(ROOT), "loky", "psutil"],
+        ["uv", "pip", "install", "-q", "-p", str(bin_python), str(ROOT), "loky", "psutil"],
         check=True,
     )
     site = subprocess.run(
