@@ -17,7 +17,8 @@ from typing import Any, ParamSpec, TypeVar
 from procession import pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
-from procession.scheduler import MapRun, OnError, settle_future, submit_call
+from procession.options import MapOptions, OnError, check_workers
+from procession.scheduler import MapRun, settle_future, submit_call
 from procession.serialization.serializers import Serializer, get_serializer
 from procession.worker import encode_setup
 
@@ -35,19 +36,9 @@ def default_backend_name() -> str:
     return os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
 
 
-def _check_workers(workers: Any) -> int | None:
-    if workers is None:
-        return None
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"workers must be a positive int or None, got {workers!r}")
-    if workers <= 0:
-        raise ValueError(f"workers must be a positive int or None, got {workers}")
-    return workers
-
-
 def resolve_backend(backend: str | Backend | None, workers: int | None) -> Backend:
     """A shared, warm backend for a name (or the instance given)."""
-    workers = _check_workers(workers)
+    workers = check_workers(workers)
     if isinstance(backend, Backend):
         if workers is not None and workers != backend.workers:
             raise ValueError(
@@ -94,18 +85,21 @@ def map(
     replace the worker), ``retries`` re-runs items lost to a crashed worker,
     ``on_error="return"`` yields exceptions in place instead of raising.
     """
-    chosen = resolve_backend(backend, workers)
-    run = MapRun(
-        chosen,
-        fn,
-        iterable,
-        serializer=get_serializer(serializer, chosen.default_serializer),
+    options = MapOptions(
         chunksize=chunksize,
         ordered=ordered,
         timeout=timeout,
         retries=retries,
         on_error=on_error,
         progress=progress,
+    )
+    chosen = resolve_backend(backend, workers)
+    run = MapRun(
+        chosen,
+        fn,
+        iterable,
+        serializer=get_serializer(serializer, chosen.default_serializer),
+        options=options,
         on_abort=None if isinstance(backend, Backend) else lambda: pools.forget_shared_pool(chosen),
     )
     return run
@@ -144,7 +138,11 @@ class Executor(futures.Executor):
             backend, max_workers = None, backend
         if workers is not None and max_workers is not None and workers != max_workers:
             raise ValueError(f"workers={workers} and max_workers={max_workers} disagree; pass one")
-        count = _check_workers(workers if workers is not None else max_workers)
+        count = (
+            check_workers(workers)
+            if workers is not None
+            else check_workers(max_workers, name="max_workers")
+        )
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
         self._lock = threading.Lock()
@@ -231,6 +229,14 @@ class Executor(futures.Executor):
         Several iterables are zipped and their items passed as positional
         arguments, as with the builtin ``map``.  ``timeout`` is per item.
         """
+        options = MapOptions(
+            chunksize=chunksize,
+            ordered=ordered,
+            timeout=timeout,
+            retries=retries,
+            on_error=on_error,
+            progress=progress,
+        )
         self._check_open()
         if not iterables:
             raise TypeError("Executor.map() needs at least one iterable")
@@ -244,12 +250,7 @@ class Executor(futures.Executor):
             source,
             serializer=self._serializer if serializer is None else get_serializer(serializer),
             star=star,
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            retries=retries,
-            on_error=on_error,
-            progress=progress,
+            options=options,
             on_abort=self.kill_workers,
         )
         return run

@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from procession import protocol
 from procession.backends.base import Backend, TaskFuture
@@ -37,6 +37,7 @@ from procession.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from procession.options import MapOptions
 from procession.protocol import encode_function
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
@@ -47,11 +48,8 @@ __all__ = [
     "TimedSource",
     "settle_future",
     "submit_call",
-    "validate_map_options",
 ]
 
-OnError = Literal["raise", "return"]
-ON_ERROR_CHOICES = ("raise", "return")
 TARGET_CHUNK_SECONDS = 0.02
 # How much a chunk may grow from one measurement to the next: one odd first
 # item must not produce a huge chunk.
@@ -102,44 +100,6 @@ class TimedSource(ABC):
                 return
             if item is not IDLE:
                 yield item
-
-
-def validate_map_options(
-    *,
-    chunksize: int | str,
-    ordered: bool,
-    timeout: float | None,
-    retries: int,
-    on_error: str,
-    backend: Backend,
-) -> None:
-    """Reject bad options at call time, naming the bad value and the valid ones."""
-    if chunksize != "auto":
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
-        if chunksize <= 0:
-            raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize}")
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {ordered!r}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if not backend.capabilities.kill:
-            raise ValueError(
-                f"backend {backend.name!r} cannot stop a running task, so it cannot honour "
-                f"timeout={timeout}; use a process backend (backend='process') or drop timeout="
-            )
-        if chunksize not in ("auto", 1):
-            raise ValueError(
-                f"timeout= is per item, so items are sent one at a time; "
-                f"use chunksize='auto' or 1 with it, not {chunksize}"
-            )
 
 
 @dataclass
@@ -224,22 +184,16 @@ class MapRun:
         *,
         serializer: Serializer,
         star: bool = False,
-        chunksize: int | str = "auto",
-        ordered: bool = True,
-        timeout: float | None = None,
-        retries: int = 0,
-        on_error: OnError = "raise",
-        progress: bool = False,
+        options: MapOptions | None = None,
         on_abort: Callable[[], None] | None = None,
+        **option_values: Any,
     ) -> None:
-        validate_map_options(
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            retries=retries,
-            on_error=on_error,
-            backend=backend,
-        )
+        if options is None:
+            options = MapOptions(**option_values)
+        elif option_values:
+            raise TypeError("pass either options= or option keywords to MapRun, not both")
+        options.check_backend(backend)
+        self.options = options
         self._timed: TimedSource | None = iterable if isinstance(iterable, TimedSource) else None
         try:
             self._source: Iterator[Any] = iter(iterable)
@@ -258,14 +212,15 @@ class MapRun:
         self._fn = encode_function(fn, serializer)
         self._run_id = protocol.new_run_id()
         self._star = star
-        fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
-        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn.digest)
-        self._ordered = ordered
-        self._timeout = timeout
-        self._retries = retries
-        self._stop_on_error = on_error == "raise"
+        self._chunker = AutoChunker(
+            options.fixed_chunksize, backend.workers, self._length, self._fn.digest
+        )
+        self._ordered = options.ordered
+        self._timeout = options.timeout
+        self._retries = options.retries
+        self._stop_on_error = options.on_error == "raise"
         self._window = max(2 * backend.workers, 2)
-        self._progress = progress
+        self._progress = options.progress
         self._on_abort = on_abort
         self._consumed = 0
         self._exhausted = False
@@ -543,7 +498,7 @@ class MapRun:
             while len(self._pending) + len(ready) < self._window:
                 if self._exhausted:
                     break
-                chunk = self._read_chunk(may_block=not self._pending)
+                chunk = self._read_chunk(may_block=not self._pending and not ready)
                 if chunk is None:
                     break
                 self._send(chunk, ready)
