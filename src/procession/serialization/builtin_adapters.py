@@ -379,15 +379,15 @@ def register_builtin_adapters() -> None:
     """Register the standard library's adapters (called once, on first lookup)."""
     import _thread
 
-    register_builtin_adapter(types.GeneratorType, _reduce_generator)
+    register_builtin_adapter(types.GeneratorType, _reduce_generator, kind="value")
     register_builtin_adapter(types.CoroutineType, _REFUSE_COROUTINE)
     register_builtin_adapter(types.AsyncGeneratorType, _REFUSE_COROUTINE)
-    register_builtin_adapter("sqlite3.Connection", _reduce_sqlite_connection)
+    register_builtin_adapter("sqlite3.Connection", _reduce_sqlite_connection, kind="resource")
     register_builtin_adapter("sqlite3.Cursor", _REFUSE_SQLITE_CURSOR)
     register_builtin_adapter("sqlite3.Blob", _REFUSE_SQLITE_CURSOR)
     for file_type in (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom):
-        register_builtin_adapter(file_type, _reduce_file)
-    register_builtin_adapter(io.FileIO, _reduce_file)
+        register_builtin_adapter(file_type, _reduce_file, kind="value")
+    register_builtin_adapter(io.FileIO, _reduce_file, kind="value")
     register_builtin_adapter(_thread.LockType, _REFUSE_LOCK)
     register_builtin_adapter(_thread.RLock, _REFUSE_LOCK)
     register_builtin_adapter("multiprocessing.synchronize.SemLock", _REFUSE_MULTIPROCESSING_LOCK)
