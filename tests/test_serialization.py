@@ -299,6 +299,15 @@ class Holder:
 holder = Holder()
 square = lambda x: x * x
 numbers = [1, 2, 3]
+
+def count(n):
+    yield from range(n)
+
+def total(gen, x):
+    return sum(gen)
+
+import functools
+counting = functools.partial(total, count(3))
 """
 
 
@@ -327,6 +336,13 @@ def test_check_report(probe_module: str) -> None:
     pickle_line = next(line for line in text.splitlines() if line.strip().startswith("pickle"))
     assert "FAILS" in pickle_line
     assert 'serializer="cloudpickle"' in pickle_line
+    assert "value(s) with state" not in text
+
+
+def test_check_report_names_values_with_state(probe_module: str) -> None:
+    ok, text = check_report(f"{probe_module}:counting")
+    assert ok
+    assert "holds 1 value(s) with state" in text
 
 
 def test_check_report_bad_targets() -> None:

@@ -1,7 +1,18 @@
 """The adapter registry: unpicklable types turned into Recipes.
 
-``register_adapter(type_, reduce)`` says "an object of this type travels as
-``reduce(obj)``", where ``reduce`` returns a :class:`~procession.Recipe`.
+``register_adapter(type_, reduce, kind=...)`` says "an object of this type
+travels as ``reduce(obj)``", where ``reduce`` returns a :class:`~procession.Recipe`,
+and what kind of thing that Recipe stands for in the worker:
+
+``"resource"`` (the default)
+    a connection, a read-only handle, a client: built once per worker (the
+    Recipe's scope says per process or per thread) and shared by its tasks.
+``"value"``
+    a value with state (a generator, a file position): built anew every time
+    it is unpickled, so each task gets it exactly as it was in the caller.
+    :func:`track_stateful_values` counts these while bytes are made, so that
+    bytes holding one (the mapped function) are never decoded once and reused.
+
 Lookups follow the MRO, so an adapter for a base class covers subclasses.
 Third-party adapters come from the entry-point group ``procession.adapters``,
 read on first lookup, not at import.  A reducer that cannot send an object

@@ -15,7 +15,12 @@ Three scopes say how widely a built object is shared on the far side:
     pool thread gets its own; on a process backend this is once per worker.
 ``"fresh"``
     built anew every time it is unpickled, never cached (a generator, a file
-    position: state that one task must not leak into the next).
+    position: state that one task must not leak into the next).  Such a
+    Recipe is a *value with state*, not a resource: serializing one is
+    counted by :func:`~procession.serialization.track_stateful_values`, so
+    that bytes holding it are unpickled once per use.
+
+The caches themselves live in the leaf module ``_cache``.
 """
 
 from __future__ import annotations
