@@ -345,13 +345,14 @@ def test_forked_child_starts_with_no_built_recipes() -> None:
 
 
 @pytest.mark.parametrize("chunksize", [1, 4])
-def test_generator_in_a_partial_reaches_every_task(
-    process_backend_name: str, chunksize: int
-) -> None:
+def test_generator_in_a_partial_reaches_every_task(backend_name: str, chunksize: int) -> None:
+    # Every backend, not only process ones: serial and threads decode the
+    # function through the same worker runtime (and its cache).
     fn = functools.partial(sum_of, numbers(10))
     for _ in range(2):  # a second map must not see the first one's generator either
-        out = list(procession.map(fn, range(4), backend=process_backend_name, chunksize=chunksize))
+        out = list(procession.map(fn, range(4), backend=backend_name, chunksize=chunksize))
         assert out == [45] * 4
+    assert list(fn.args[0]) == list(range(10))  # the caller's generator was not consumed
 
 
 @pytest.mark.parametrize("mode", ["r", "rb"])
