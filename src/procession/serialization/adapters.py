@@ -27,6 +27,7 @@ so that looking them up never imports the module that defines the type.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -75,6 +76,16 @@ _builtin: dict[type | str, Adapter] = {}
 # type -> adapter or None; emptied whenever the registry changes.
 _lookup_cache: dict[type, Adapter | None] = {}
 _entry_points_loaded = False
+
+
+def _reset_lock_after_fork() -> None:
+    # A thread of the parent may have held the lock when it forked; only the
+    # forking thread exists in the child, so the registry gets a new lock.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def _label(type_: type | str, caller: str) -> str:
