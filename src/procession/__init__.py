@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "Serializer": "procession.serialization.serializers",
     "register_serializer": "procession.serialization.serializers",
     "register_adapter": "procession.serialization.adapters",
+    "unregister_adapter": "procession.serialization.adapters",
     "check_picklable": "procession.serialization.diagnostics",
     "ProcessionError": "procession.errors",
     "SerializationError": "procession.errors",
@@ -67,6 +68,7 @@ __all__ = [
     "register_backend",
     "register_serializer",
     "serializers",
+    "unregister_adapter",
 ]
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ if TYPE_CHECKING:
         WorkerCrashedError,
     )
     from procession.pipeline import Pipeline
-    from procession.serialization.adapters import register_adapter
+    from procession.serialization.adapters import register_adapter, unregister_adapter
     from procession.serialization.diagnostics import check_picklable
     from procession.serialization.recipes import Recipe
     from procession.serialization.serializers import Serializer, register_serializer
