@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "ProcessionError": "procession.errors",
     "SerializationError": "procession.errors",
     "WorkerCrashedError": "procession.errors",
+    "WorkerMemoryError": "procession.errors",
     "TaskTimeoutError": "procession.errors",
     "BackendUnavailableError": "procession.errors",
     "PipelineError": "procession.errors",
@@ -58,6 +59,7 @@ __all__ = [
     "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "__version__",
     "available_backends",
     "check_picklable",
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
         SerializationError,
         TaskTimeoutError,
         WorkerCrashedError,
+        WorkerMemoryError,
     )
     from procession.pipeline import Pipeline
     from procession.serialization.adapters import register_adapter
