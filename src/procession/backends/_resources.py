@@ -218,10 +218,10 @@ def check_supported(name: str, factory: object, options: dict[str, Any]) -> dict
         if unset:
             continue
         if not caps.isolated:
-            why = "its tasks run in this process's own threads"
+            why = "its tasks run inside this process"
             if option == "threads_per_worker":
                 why += (
-                    ", which share one BLAS/OpenMP pool with the caller: wrap your code in "
+                    ", whose BLAS/OpenMP pools the caller shares: wrap your code in "
                     "threadpoolctl.threadpool_limits(N) instead"
                 )
         else:
