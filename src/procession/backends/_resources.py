@@ -327,9 +327,10 @@ class ResourceControl:
         if self.threads is not None:
             for var in THREAD_ENV_VARS:
                 # An explicit cap wins over the parent's environment; the automatic
-                # one respects a variable the user already set.
-                if self.explicit_threads or var not in os.environ:
-                    env[var] = str(self.threads)
+                # one forwards a variable the parent has set (a forkserver's workers
+                # would not otherwise see a value set after it started).
+                parent = None if self.explicit_threads else os.environ.get(var)
+                env[var] = str(self.threads) if parent is None else parent
         env.update(self.env)  # the user's own env= wins over everything
         if not env and self.threads is None:
             return None
