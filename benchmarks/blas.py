@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, samples in times.items():
         best, median = min(samples), statistics.median(samples)
         rows.append({"name": name, "best": best, "median": median, "threads": threads[name]})
-        print(
-            f"{name:58} {best:8.3f} {median:9.3f} {best_seq / best:6.2f}x  {threads[name]}"
-        )
+        print(f"{name:58} {best:8.3f} {median:9.3f} {best_seq / best:6.2f}x  {threads[name]}")
     names = list(times)
     ratio = min(times[names[2]]) / min(times[names[1]])
     print(f"no cap / default cap (best times): {ratio:.2f}")

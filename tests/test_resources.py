@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from concurrent.futures import BrokenExecutor
 from pathlib import Path
 
@@ -329,3 +331,22 @@ def test_env_reaches_workers_started_after_the_parent_changed_its_own(
         assert later_pid != first_pid, "the worker was not replaced"
         assert later["PROCESSION_TEST_ENV"] == "from env=", later
         assert executor.submit(env_seen_by_initializer, names[0]).result(60) == "from env="
+
+
+def test_libraries_loaded_before_the_cap_are_capped_by_threadpoolctl() -> None:
+    # A worker forked from a parent that had numpy loaded: the variables come too
+    # late for OpenBLAS, so threadpoolctl must cap it.
+    code = (
+        "import numpy, threadpoolctl\n"
+        "from procession.backends._resources import WorkerSettings, apply_in_worker\n"
+        "from procession.backends._resources import _thread_pool_library_loaded\n"
+        "assert _thread_pool_library_loaded()\n"
+        "apply_in_worker(WorkerSettings(threads=1))\n"
+        "print(sorted({p['num_threads'] for p in threadpoolctl.threadpool_info()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV_VARS}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1]"

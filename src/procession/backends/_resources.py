@@ -249,11 +249,38 @@ def apply_in_worker(settings: WorkerSettings | None) -> None:
     if settings is None:
         return
     os.environ.update(dict(settings.env))
-    if settings.threads is not None:
+    if settings.threads is not None and _thread_pool_library_loaded():
         from threadpoolctl import threadpool_limits
 
         # Not used as a context manager: the caps stay for the worker's lifetime.
         threadpool_limits(limits=settings.threads)
+
+
+# Shared-library names of the pools threadpoolctl controls (its own prefixes).
+_POOL_LIBRARIES = (
+    "openblas",
+    "libblas",
+    "mkl_rt",
+    "libmkl",
+    "blis",
+    "libgomp",
+    "libomp",
+    "libiomp",
+)
+
+
+def _thread_pool_library_loaded() -> bool:
+    """Whether a BLAS/OpenMP library is loaded already (the variables cover later ones).
+
+    Importing threadpoolctl and scanning costs tens of milliseconds per worker
+    start; on Linux, one read of ``/proc/self/maps`` says whether it is needed.
+    """
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            loaded = maps.read().lower()
+    except OSError:
+        return True  # cannot tell here: ask threadpoolctl
+    return any(name.encode() in loaded for name in _POOL_LIBRARIES)
 
 
 _applied: set[str] = set()
