@@ -74,3 +74,12 @@ def env_seen_by_initializer(name: str) -> str | None:
 
 def attempts(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+def grow_in_a_child(mib: int) -> int:
+    """The memory is a child process's: it counts in the worker's size."""
+    import subprocess
+    import sys
+
+    code = f"import time\nblock = b'x' * ({mib} * {MIB})\ntime.sleep(30)\n"
+    return subprocess.run([sys.executable, "-c", code], timeout=60).returncode

@@ -21,6 +21,7 @@ from _resources_helpers import (
     env_seen_by_initializer,
     exit_now,
     grow,
+    grow_in_a_child,
     grow_logged,
     grow_then_sigkill,
     pid_and_env,
@@ -229,6 +230,14 @@ def test_memory_limit_stops_the_worker_and_the_pool_heals(
         assert len(set(tried)) == 3, f"each retry must run on a fresh worker: {tried}"
         # The pool healed: the next map runs on replacement workers.
         assert list(executor.map(grow, [1, 2, 3], chunksize=1)) == [1, 2, 3]
+
+
+def test_memory_of_a_workers_children_counts_and_they_are_stopped_too() -> None:
+    # The autouse fixture fails the test if the child outlives its worker.
+    with procession.Executor("process", workers=1, memory_limit=LIMIT) as executor:
+        with pytest.raises(WorkerMemoryError, match="over its memory_limit=250 MiB"):
+            executor.submit(grow_in_a_child, 400).result(timeout=60)
+        assert executor.submit(grow, 1).result(timeout=60) == 1
 
 
 def test_submit_fails_with_worker_memory_error(process_backend_name: str) -> None:

@@ -89,6 +89,8 @@ POLL_SECONDS_IDLE = 0.5
 #: or at least this fraction of its own memory_limit.
 OOM_SUSPECT_FRACTION = 0.10
 OOM_SUSPECT_LIMIT_FRACTION = 0.8
+#: How often the child processes of a worker are listed again (they count in its size).
+CHILDREN_SECONDS = 1.0
 #: How long a dead worker's last sample is kept for the backend to ask about it.
 _SAMPLE_KEEP_SECONDS = 60.0
 
@@ -455,6 +457,15 @@ class _Watcher:
         self._watched: list[_Watched] = []
         self._thread: threading.Thread | None = None
         self._processes: dict[int, Any] = {}  # pid -> psutil.Process (keeps its identity)
+        # pid -> (when listed, its child processes): listing children scans every
+        # process of the machine, so it is done at most every CHILDREN_SECONDS.
+        self._family: dict[int, tuple[float, list[Any]]] = {}
+
+    def _children(self, pid: int, process: Any, now: float) -> list[Any]:
+        listed = self._family.get(pid)
+        if listed is None or now - listed[0] > CHILDREN_SECONDS:
+            listed = self._family[pid] = (now, process.children(recursive=True))
+        return listed[1]
 
     def add(self, backend: Backend, control: ResourceControl) -> None:
         with self._lock:
@@ -476,6 +487,7 @@ class _Watcher:
                 if not self._watched:
                     self._thread = None
                     self._processes.clear()
+                    self._family.clear()
                     return
                 watched = list(self._watched)
             limited = any(w.control.memory_limit is not None for w in watched)
@@ -503,13 +515,14 @@ class _Watcher:
                     process = self._processes[pid] = psutil.Process(pid)
                 family = [process]
                 if control.memory_limit is not None:
-                    family += process.children(recursive=True)
+                    family += self._children(pid, process, now)
                 rss = 0
                 for member in family:
                     with contextlib.suppress(psutil.Error):
                         rss += member.memory_info().rss
             except psutil.Error:
                 self._processes.pop(pid, None)
+                self._family.pop(pid, None)
                 continue
             if control._sample(pid, rss, now):
                 # Children first: they are part of the size, and would outlive it.
@@ -520,6 +533,7 @@ class _Watcher:
             process = self._processes.get(pid)
             if process is not None and not _running(process):
                 self._processes.pop(pid, None)
+                self._family.pop(pid, None)
         control._prune(pids, now)
 
 
