@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "ProcessionError": "procession.errors",
     "SerializationError": "procession.errors",
     "WorkerCrashedError": "procession.errors",
+    "WorkerMemoryError": "procession.errors",
     "TaskTimeoutError": "procession.errors",
     "BackendUnavailableError": "procession.errors",
     "PipelineError": "procession.errors",
@@ -59,6 +60,7 @@ __all__ = [
     "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "__version__",
     "available_backends",
     "check_picklable",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
         SerializationError,
         TaskTimeoutError,
         WorkerCrashedError,
+        WorkerMemoryError,
     )
     from procession.pipeline import Pipeline
     from procession.serialization.adapters import register_adapter, unregister_adapter

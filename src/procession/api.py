@@ -118,7 +118,8 @@ class Executor(futures.Executor):
     Accepts ``ProcessPoolExecutor``'s arguments too (``max_workers``,
     ``mp_context``, ``initializer``, ``initargs``, ``max_tasks_per_child``), so
     ``from procession import Executor as ProcessPoolExecutor`` works.  Workers
-    are reused across calls.
+    are reused across calls.  ``memory_limit=``, ``threads_per_worker=`` and
+    ``env=`` control each worker's resources (see docs/resources.md).
     """
 
     def __init__(
@@ -132,6 +133,9 @@ class Executor(futures.Executor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
+        memory_limit: int | str | None = None,
+        threads_per_worker: int | str | None = "auto",
+        env: dict[str, str] | None = None,
     ) -> None:
         if isinstance(backend, int) and not isinstance(backend, bool):
             # ProcessPoolExecutor(4): the first positional argument is max_workers.
@@ -154,9 +158,16 @@ class Executor(futures.Executor):
                     f"workers={count} conflicts with the backend instance's {backend.workers} "
                     f"workers; pass workers= to create_backend() instead"
                 )
-            if initializer is not None or mp_context is not None or max_tasks_per_child:
+            resources = memory_limit is not None or threads_per_worker != "auto" or env
+            if (
+                initializer is not None
+                or mp_context is not None
+                or max_tasks_per_child
+                or resources
+            ):
                 raise ValueError(
-                    "initializer=, mp_context= and max_tasks_per_child= configure new workers; "
+                    "initializer=, mp_context=, max_tasks_per_child=, memory_limit=, "
+                    "threads_per_worker= and env= configure new workers; "
                     "give them to create_backend() instead of passing a backend instance"
                 )
             self._backend = backend
@@ -181,6 +192,14 @@ class Executor(futures.Executor):
             options["start_method"] = mp_context.get_start_method()
         if max_tasks_per_child is not None:
             options["max_tasks_per_worker"] = max_tasks_per_child
+        # Resource options (docs/resources.md): only the ones set, so that a backend
+        # without them still works; create_backend refuses those it cannot honour.
+        if memory_limit is not None:
+            options["memory_limit"] = memory_limit
+        if threads_per_worker != "auto":
+            options["threads_per_worker"] = threads_per_worker
+        if env is not None:
+            options["env"] = env
         try:
             self._backend = create_backend(name, **options)
         except TypeError as exc:

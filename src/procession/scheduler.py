@@ -556,13 +556,10 @@ def _span(chunk: Chunk) -> str:
 def _crash_for(chunk: Chunk, error: WorkerCrashedError, retries: int) -> WorkerCrashedError:
     tried = f" after {chunk.attempts + 1} attempts" if chunk.attempts else ""
     advice = "" if retries else "; pass retries=N to re-run items lost to a crash"
-    crash = WorkerCrashedError(
-        f"{error}; lost input items {_span(chunk)}{tried}{advice}",
-        exitcode=error.exitcode,
-        items=chunk.indices(),
+    # with_context keeps the error's class (WorkerMemoryError) and details.
+    return error.with_context(
+        f"{error}; lost input items {_span(chunk)}{tried}{advice}", items=chunk.indices()
     )
-    crash.__cause__ = error.__cause__
-    return crash
 
 
 def _progress_bar(total: int | None) -> Any:

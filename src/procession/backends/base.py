@@ -33,12 +33,18 @@ class Capabilities:
     - ``crash_detection``: a dead worker fails its task with ``WorkerCrashedError``
       (rather than hanging), so ``retries=`` can re-run it.
     - ``remote``: workers may run on other machines.
+    - ``memory_limit``, ``threads_per_worker``, ``env``: the backend accepts the
+      resource option of that name (see ``procession.backends._resources``);
+      :func:`procession.create_backend` refuses a set option a backend lacks.
     """
 
     isolated: bool
     kill: bool
     crash_detection: bool
     remote: bool = False
+    memory_limit: bool = False
+    threads_per_worker: bool = False
+    env: bool = False
 
     def names(self) -> list[str]:
         return [name for name, value in vars(self).items() if value]
