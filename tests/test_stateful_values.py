@@ -442,3 +442,6 @@ def test_generators_as_items(process_backend_name: str, chunksize: int) -> None:
     gen = numbers(5)
     out = list(procession.map(total, [gen] * 4, backend=process_backend_name, chunksize=1))
     assert out == [10] * 4
+    # ... and in one chunk of four: each item still gets it unstarted.
+    out = list(procession.map(total, [gen] * 4, backend=process_backend_name, chunksize=4))
+    assert out == [10] * 4

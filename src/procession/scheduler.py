@@ -39,6 +39,7 @@ from procession.errors import (
 )
 from procession.options import MapOptions
 from procession.protocol import encode_function
+from procession.serialization.adapters import track_stateful_values
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
@@ -342,7 +343,15 @@ class MapRun:
 
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
-            items_bytes = self._serializer.dumps(chunk.items)
+            with track_stateful_values() as seen:
+                items_bytes = self._serializer.dumps(chunk.items)
+            if seen.count and len(chunk.items) > 1:
+                # Pickle sends a repeated object once: the same generator given as
+                # two items would reach the second one used up.  Values with state
+                # travel one item per task, each rebuilt as it is in the parent.
+                for offset, item in enumerate(chunk.items):
+                    self._send(Chunk(chunk.start + offset, [item], chunk.attempts), ready)
+                return
         except Exception as exc:
             if len(chunk.items) > 1:
                 # Find the culprit: send the others, fail only it.
