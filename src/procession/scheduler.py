@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procession import protocol
-from procession.backends.base import Backend, TaskFuture
+from procession.backends.base import Backend, TaskFuture, settle_future
 from procession.errors import (
     SerializationError,
     TaskTimeoutError,
@@ -203,6 +203,7 @@ class MapRun:
                 f"map() needs an iterable of inputs, got {type(iterable).__name__}"
             ) from None
         self._source_idle = False
+        self._source_slow = False  # the last read stopped at the linger time
         self._length: int | None
         try:
             self._length = len(iterable)  # type: ignore[arg-type]
@@ -282,7 +283,7 @@ class MapRun:
         """
         size = self._chunker.next_size(self._consumed)
         items: list[Any] = []
-        self._source_idle = False
+        self._source_idle = self._source_slow = False
         try:
             # extend() keeps the items read before the source raised.
             if self._timed is not None:
@@ -316,9 +317,13 @@ class MapRun:
             items.extend(itertools.islice(self._source, want))
             if len(items) - before < want:
                 return True
-            if time.monotonic() - started >= LINGER_SECONDS:
+            elapsed = time.monotonic() - started
+            if elapsed >= LINGER_SECONDS:
+                self._source_slow = True
                 return False
-            step *= 2
+            # Grow the slice, but not past what the source delivers in the time left.
+            affordable = len(items) / max(elapsed, 1e-9) * (LINGER_SECONDS - elapsed)
+            step = max(1, min(2 * step, int(affordable)))
         return False
 
     def _read_timed(self, items: list[Any], size: int, may_block: bool) -> bool:
@@ -511,8 +516,8 @@ class MapRun:
                 if chunk is None:
                     break
                 self._send(chunk, ready)
-                if self._source_idle:
-                    break
+                if self._source_idle or self._source_slow:
+                    break  # deliver what finished before waiting on the source again
 
             if self._ordered:
                 while next_index in ready:
@@ -534,6 +539,8 @@ class MapRun:
             if self._source_idle and not self._exhausted:
                 # The source may deliver meanwhile: look again soon.
                 timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+            elif self._source_slow and not self._exhausted:
+                timeout = 0.0  # reading the slow source is what paces the loop
             done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
@@ -654,23 +661,3 @@ def submit_call(
     task_future.add_start_callback(mark_running)
     task_future.add_done_callback(relay)
     return user_future
-
-
-def settle_future(
-    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
-) -> None:
-    """Finish a user's future unless it is done or cancelled already (first answer wins)."""
-    if future.done():
-        return
-    try:
-        if not future.running() and not future.set_running_or_notify_cancel():
-            return  # cancelled by the caller
-    except RuntimeError:
-        pass  # marked running concurrently by the task's start
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
-        pass
