@@ -196,7 +196,10 @@ def test_sqlite_in_process_backends_get_a_connection_per_thread(
     conn = sqlite3.connect(database)
     try:
         pairs = [(conn, n) for n in range(40)]
-        out = list(procession.map(lookup_pair, pairs, backend=backend, workers=3, chunksize=1))
+        workers = 1 if backend == "serial" else 3
+        out = list(
+            procession.map(lookup_pair, pairs, backend=backend, workers=workers, chunksize=1)
+        )
         assert [square for square, *_ in out] == [n * n for n in range(40)]
         per_thread: dict[int, set[int]] = {}
         for _, _, thread, conn_id in out:
@@ -206,7 +209,7 @@ def test_sqlite_in_process_backends_get_a_connection_per_thread(
         # Inside the mapped function the connection is decoded once per process
         # and shared by the threads (SQLite's serialized mode makes that safe).
         task = functools.partial(lookup, conn)
-        out = list(procession.map(task, range(40), backend=backend, workers=3, chunksize=1))
+        out = list(procession.map(task, range(40), backend=backend, workers=workers, chunksize=1))
         assert [square for square, *_ in out] == [n * n for n in range(40)]
     finally:
         conn.close()

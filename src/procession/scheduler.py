@@ -1,19 +1,25 @@
 """The scheduler: chunking, the in-flight window, ordering, retries, timeouts.
 
-It lives in the parent process and is written once for every backend.
+It lives in the parent process and is written once for every backend.  The
+options arrive validated (:mod:`procession.options`); the envelopes are made
+and read by :mod:`procession.protocol`; a backend only moves their bytes.
 
-    iterable ──► chunker ──► encode (serializer) ──► Backend.submit(task bytes)
-       ▲  lazy: read only while             │                 │
-       │  the window has room               │        TaskFuture[result bytes]
-       │                                    ▼                 ▼
-    consumer ◄── emit (ordered: by input position; ◄── decode, retry lost
-                 unordered: as chunks complete)        chunks, enforce timeout=
+    iterable ──► read a chunk ──► protocol.encode_task ──► Backend.submit(task bytes)
+       ▲  full, or what came in               │                   │
+       │  LINGER_SECONDS (slow sources)       │          TaskFuture[result bytes]
+       │  only while the window has room      ▼                   ▼
+    consumer ◄── emit (ordered: by input  ◄── protocol.decode_result; crashed chunks
+                 position; unordered: as      go back item by item for retries=
+                 chunks complete)             (always sent, window or not); kill
+                                              tasks over timeout=
 
 The window bounds chunks that are submitted or finished-but-not-yet-emitted,
 so memory stays flat for an input of any length, and a slow consumer throttles
 reading.  ``chunksize="auto"`` grows chunks until each takes about
 ``TARGET_CHUNK_SECONDS`` of worker time, and never makes them so large that
-the tail of a known-length input starves workers.
+the tail of a known-length input starves workers.  An input given as a
+:class:`TimedSource` (a Pipeline stage's channel) is never waited on while
+results are due; :meth:`MapRun.abort` stops a run from any thread.
 """
 
 from __future__ import annotations
