@@ -89,7 +89,7 @@ def _relative(page: Path) -> str:
 
 # Runs in the child: exec each block in __main__'s namespace, so functions the
 # docs define pickle by reference as __main__.NAME, as in a user's script.
-_RUNNER = '''
+_RUNNER = """
 import json, sys, traceback
 
 def main():
@@ -119,7 +119,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def _runnable(page: Path) -> list[Block]:
@@ -174,13 +174,14 @@ def test_every_python_block_runs_or_says_why_not(page: Path) -> None:
     for block in blocks:
         where = f"{_relative(page)}:{block.line - 1}"
         if block.not_run is not None:
-            assert block.lang in ("python", "py"), f"{where}: not-run marker on a {block.lang!r} block"
+            assert block.lang in ("python", "py"), f"{where}: not-run on a {block.lang!r} block"
             assert len(block.not_run) >= 10, f"{where}: say why the block does not run"
     # A marker must sit directly on a python fence, or it marks nothing.
     fences = {b.line - 2 for b in blocks}
     for number, line in enumerate(text):
         if _NOT_RUN.match(line) or _TEST_FILE.match(line):
-            assert number + 1 in fences, f"{_relative(page)}:{number + 1}: marker not before a fence"
+            where = f"{_relative(page)}:{number + 1}"
+            assert number + 1 in fences, f"{where}: the marker is not directly before a fence"
 
 
 def test_the_docs_have_code_that_runs() -> None:
