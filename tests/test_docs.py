@@ -211,3 +211,24 @@ def test_parse_blocks_reads_markers_and_indented_fences(tmp_path: Path) -> None:
     assert (first.not_run, first.code, first.line) == ("needs a cluster", "connect()\n", 4)
     assert (second.not_run, second.code, second.lang) == (None, "x = 1\n", "python")
     assert third.lang == "bash"
+
+
+def test_the_api_reference_covers_every_public_name() -> None:
+    """Each public name has its `::: procession.NAME` line (a new name fails here first)."""
+    import procession
+    import procession.testing
+
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "reference").glob("*.md"))
+    documented = set(re.findall(r"^::: (procession[\w.]*)\s*$", text, re.M))
+    # Not objects with a docstring of their own: described in prose on the pages.
+    prose = {
+        "procession.__version__": "`procession.__version__`",
+        "procession.serializers": "`procession.serializers`",
+    }
+    expected = {f"procession.{n}" for n in procession.__all__} | {
+        f"procession.testing.{n}" for n in procession.testing.__all__
+    }
+    missing = sorted(n for n in expected - documented if prose.get(n, "\0") not in text)
+    assert not missing, f"add a `::: NAME` line to a page of docs/reference/ for: {missing}"
+    unknown = sorted(documented - expected)
+    assert not unknown, f"docs/reference/ documents names that are not public: {unknown}"

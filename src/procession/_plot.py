@@ -78,11 +78,18 @@ def _overhead_panel(ax: Axes, payload: Mapping[str, Any], backends: list[str]) -
     labels = [b for b in backends if b in cells and _ok(cells[b])]
     micros = [cells[b]["seconds"] / tasks * 1e6 for b in labels]
     bars = ax.barh(labels, micros, color="#4c72b0")
-    ax.bar_label(bars, labels=[f"{v:.3g} µs" for v in micros], padding=3, fontsize=8)
+    ax.bar_label(bars, labels=[_micros(v) for v in micros], padding=3, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("µs per task (chunksize=1), lower is better")
+    # Backends differ by orders of magnitude (a pipe vs a cluster scheduler).
+    ax.set_xscale("log")
+    ax.set_xlabel("µs per task (chunksize=1, log scale), lower is better")
     ax.set_title(f"Per-task overhead ({tasks:,} tasks)", fontsize=10)
-    ax.margins(x=0.25)
+    if micros:
+        ax.set_xlim(min(micros) / 2, max(micros) * 8)
+
+
+def _micros(value: float) -> str:
+    return f"{value:,.0f} µs" if value >= 100 else f"{value:.3g} µs"
 
 
 def _speedup_panel(
@@ -94,7 +101,9 @@ def _speedup_panel(
 ) -> None:
     cells = {(m["backend"], m["workload"]): m for m in payload["measurements"]}
     width = 0.8 / max(len(backends), 1)
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
     for i, backend in enumerate(backends):
         values = []
         for workload in workloads:
@@ -102,15 +111,20 @@ def _speedup_panel(
             ok = cell is not None and _ok(cell) and cell.get("speedup") is not None
             values.append(float(cell["speedup"]) if ok and cell is not None else 0.0)
         xs = [x + (i - (len(backends) - 1) / 2) * width for x in range(len(workloads))]
-        bars = ax.bar(xs, values, width, label=backend, color=colors[i % len(colors)])
+        bars = ax.bar(xs, values, width, label=backend, color=palette(i % 10))
         ax.bar_label(
-            bars, labels=[f"{v:.2g}" if v else "err" for v in values], fontsize=7, padding=1
+            bars,
+            labels=[f"{v:.2f}" if v else "err" for v in values],
+            fontsize=6,
+            padding=1,
+            rotation=90,
         )
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(workloads)), workloads, fontsize=8)
     ax.set_ylabel("speed-up vs sequential (higher is better)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncols=2)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
 
 
 def bench_figure(payload: Mapping[str, Any]) -> Figure:
@@ -137,7 +151,7 @@ def bench_figure(payload: Mapping[str, Any]) -> Figure:
     compute = [w for w in workloads if not _is_large_data(w)]
     large = [w for w in workloads if _is_large_data(w)]
     panels = 1 + bool(compute) + bool(large)
-    fig = Figure(figsize=(5.2 * panels, 4.2), layout="constrained")
+    fig = Figure(figsize=(5.2 * panels, 4.6), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     _overhead_panel(axes[0], payload, backends)
     k = 1
