@@ -232,3 +232,31 @@ def test_the_api_reference_covers_every_public_name() -> None:
     assert not missing, f"add a `::: NAME` line to a page of docs/reference/ for: {missing}"
     unknown = sorted(documented - expected)
     assert not unknown, f"docs/reference/ documents names that are not public: {unknown}"
+
+
+def test_docstring_literal_blocks_become_fenced_python() -> None:
+    """docs/_griffe_examples.py, which mkdocstrings loads for the API reference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_griffe_examples", DOCS / "_griffe_examples.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (
+        "Run ``fn`` on :func:`procession.map`.\n\nExample::\n\n"
+        "    with x:\n        y = 1\n\n    z = 2\n\nAfter the block."
+    )
+    assert module.rest_to_markdown(text).splitlines() == [
+        "Run `fn` on `procession.map`.",
+        "",
+        "Example:",
+        "",
+        "```python",
+        "with x:",
+        "    y = 1",
+        "",
+        "z = 2",
+        "```",
+        "",
+        "After the block.",
+    ]
