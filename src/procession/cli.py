@@ -339,6 +339,7 @@ def run(
 def backends(as_json: bool) -> None:
     """Every registered backend (built-in and plug-in) and whether it is usable here."""
     from procession.api import default_backend_name
+    from procession.backends._resources import RESOURCE_OPTIONS
     from procession.backends.registry import available_backends
 
     infos = available_backends()
@@ -354,6 +355,10 @@ def backends(as_json: bool) -> None:
                 "install_hint": info.install_hint,
                 "error": info.error,
                 "default": name == default,
+                # The resource options (memory_limit=, threads_per_worker=, env=) it accepts.
+                "resources": [n for n in RESOURCE_OPTIONS if getattr(info.capabilities, n)]
+                if info.capabilities
+                else None,
             }
             for name, info in infos.items()
         }
@@ -362,9 +367,11 @@ def backends(as_json: bool) -> None:
     rows = []
     for name, info in infos.items():
         if info.capabilities is None:
-            caps = "?"
+            caps = resources = "?"
         else:
-            caps = ", ".join(info.capabilities.names()) or "in-process"
+            names = info.capabilities.names()
+            caps = ", ".join(n for n in names if n not in RESOURCE_OPTIONS) or "in-process"
+            resources = ", ".join(n for n in names if n in RESOURCE_OPTIONS) or "-"
         if info.usable:
             note = f"serializer {info.default_serializer}" if info.default_serializer else ""
         else:
@@ -372,8 +379,11 @@ def backends(as_json: bool) -> None:
             if info.install_hint:
                 note = f"install: {info.install_hint} ({note})"
         label = f"{name} (default)" if name == default else name
-        rows.append([label, "yes" if info.usable else "no", caps or "-", info.origin, note])
-    click.echo(_table(["backend", "usable", "capabilities", "origin", "notes"], rows, right=set()))
+        rows.append(
+            [label, "yes" if info.usable else "no", caps or "-", resources, info.origin, note]
+        )
+    headers = ["backend", "usable", "capabilities", "resource options", "origin", "notes"]
+    click.echo(_table(headers, rows, right=set()))
 
 
 # -- bench ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count"]
+__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count", "settle_future"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,18 @@ class Capabilities:
     - ``crash_detection``: a dead worker fails its task with ``WorkerCrashedError``
       (rather than hanging), so ``retries=`` can re-run it.
     - ``remote``: workers may run on other machines.
+    - ``memory_limit``, ``threads_per_worker``, ``env``: the backend accepts the
+      resource option of that name (see ``procession.backends._resources``);
+      :func:`procession.create_backend` refuses a set option a backend lacks.
     """
 
     isolated: bool
     kill: bool
     crash_detection: bool
     remote: bool = False
+    memory_limit: bool = False
+    threads_per_worker: bool = False
+    env: bool = False
 
     def names(self) -> list[str]:
         return [name for name, value in vars(self).items() if value]
@@ -74,6 +80,26 @@ class TaskFuture(Future[bytes]):
         for callback in callbacks:
             callback(self)
 
+    def settle(self, result: bytes | None = None, *, exc: BaseException | None = None) -> bool:
+        """Finish the task with ``result`` bytes or ``exc``: the first answer wins.
+
+        Safe to call from any thread, any number of times: a future already
+        done or cancelled is left as it is.  Returns whether this call settled it.
+
+        Example::
+
+            future.settle(exc=WorkerCrashedError("worker pid 12 was killed by SIGKILL"))
+        """
+        return settle_future(self, value=result, exc=exc)
+
+    def requeue(self) -> None:
+        """The task goes back to the queue (its worker died before it could answer,
+        through no fault of its own): forget its start, so ``timeout=`` counts
+        from its next start and :meth:`add_start_callback` callbacks fire again."""
+        with self._condition:
+            self.started_at = None
+            self.worker = None
+
     def add_start_callback(self, callback: Callable[[TaskFuture], object]) -> None:
         """Call ``callback(self)`` once a worker starts the task (at once if it has)."""
         with self._condition:
@@ -81,6 +107,31 @@ class TaskFuture(Future[bytes]):
                 self._start_callbacks.append(callback)
                 return
         callback(self)
+
+
+def settle_future(
+    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
+) -> bool:
+    """Finish ``future`` unless it is done or cancelled already (first answer wins).
+
+    The one place where procession settles a future, a backend's
+    :class:`TaskFuture` or a user's ``concurrent.futures.Future``.
+    """
+    if future.done():
+        return False
+    try:
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return False  # cancelled by the caller
+    except RuntimeError:
+        pass  # marked running concurrently by the task's start
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
+        return False
+    return True
 
 
 def default_worker_count() -> int:

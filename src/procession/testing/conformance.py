@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 import procession
 from procession.backends.base import Backend, Capabilities
 from procession.errors import RemoteTraceback, TaskTimeoutError, WorkerCrashedError
+from procession.serialization.adapters import find_reducer
 from procession.serialization.serializers import get_serializer
 from procession.testing import _tasks
 from procession.worker import encode_setup
@@ -270,10 +271,17 @@ class CoreConformance(_Base):
                 assert {token_id} == tokens_per_process[runner_pid]
 
     def test_adapters_are_applied(self, conformance_backend: BackendSpec) -> None:
+        # Registered for this test only: the suite runs inside its host's test
+        # session and must leave the adapter registry as it found it.
+        registered_before = find_reducer(_tasks.OpaqueHandle) is _tasks.reduce_opaque_handle
         procession.register_adapter(_tasks.OpaqueHandle, _tasks.reduce_opaque_handle)
-        handle = _tasks.OpaqueHandle("conformance-handle")
-        fn = functools.partial(_tasks.describe_handle, handle=handle)
-        got = list(procession.map(fn, range(6), backend=conformance_backend, chunksize=2))
+        try:
+            handle = _tasks.OpaqueHandle("conformance-handle")
+            fn = functools.partial(_tasks.describe_handle, handle=handle)
+            got = list(procession.map(fn, range(6), backend=conformance_backend, chunksize=2))
+        finally:
+            if not registered_before:
+                procession.unregister_adapter(_tasks.OpaqueHandle)
         assert got == [(x, "conformance-handle", True) for x in range(6)]
 
     def test_tasks_run_in_the_declared_place(
