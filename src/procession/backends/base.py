@@ -56,6 +56,13 @@ class TaskFuture(Future[bytes]):
     A backend calls :meth:`mark_started` when a worker actually begins the
     task (the scheduler measures ``timeout=`` from there) and may record the
     worker's identity in ``worker``.
+
+    Example (what a backend's ``submit`` returns; the scheduler reads it)::
+
+        future = procession.TaskFuture()
+        if future.set_running_or_notify_cancel():   # False: cancelled while queued
+            future.mark_started("worker-1")         # timeout= is measured from here
+            future.set_result(worker.run_task(task))
     """
 
     def __init__(self) -> None:
@@ -65,6 +72,7 @@ class TaskFuture(Future[bytes]):
         self._start_callbacks: list[Callable[[TaskFuture], object]] = []
 
     def mark_started(self, worker: Any = None) -> None:
+        """Record that a worker (``worker``: any identity) has begun this task, now."""
         with self._condition:
             self.started_at = time.monotonic()
             self.worker = worker

@@ -61,7 +61,13 @@ TEST_TIMEOUT = 60
 
 
 def resolve_instance(backend: BackendSpec) -> Backend:
-    """The Backend object that ``backend=`` resolves to (a name: the warm shared one)."""
+    """The Backend object that ``backend=`` resolves to (a name: the warm shared one).
+
+    Example (in a test of your own, to read what the backend under test promises)::
+
+        def test_kills(self, conformance_backend):
+            assert resolve_instance(conformance_backend).capabilities.kill
+    """
     if isinstance(backend, Backend):
         return backend
     from procession.api import resolve_backend
@@ -114,7 +120,13 @@ class _Base:
 
 @pytest.mark.timeout(TEST_TIMEOUT)
 class CoreConformance(_Base):
-    """Behaviour every backend must have, whatever its capabilities."""
+    """Behaviour every backend must have, whatever its capabilities.
+
+    Example (a backend that cannot detect crashes runs only this half)::
+
+        class TestThreadsLike(CoreConformance):
+            backend = "inline"
+    """
 
     def test_results_equal_builtin_map(self, conformance_backend: BackendSpec) -> None:
         @_hypothesis_settings()
@@ -361,7 +373,13 @@ class CoreConformance(_Base):
 
 @pytest.mark.timeout(TEST_TIMEOUT)
 class CrashConformance(_Base):
-    """Worker crashes: run only where the backend declares ``crash_detection``."""
+    """Worker crashes: run only where the backend declares ``crash_detection``.
+
+    Example (the crash half alone, for a backend already covered otherwise)::
+
+        class TestCrashes(CrashConformance):
+            backend = "process"
+    """
 
     @pytest.mark.parametrize("crash", ["exit", "sigkill"])
     def test_crash_raises_worker_crashed_error(
