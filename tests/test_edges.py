@@ -236,9 +236,3 @@ def test_submit_during_interpreter_exit_is_refused(backend_name: str, tmp_path: 
         "42",
         "refused: cannot schedule new futures after interpreter shutdown",
     ]
-
-
-@pytest.mark.parametrize("count", [0, -1])
-def test_max_workers_below_one_says_so(count: int) -> None:
-    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
-        procession.Executor(max_workers=count)
