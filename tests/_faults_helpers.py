@@ -178,6 +178,7 @@ def kill_some(item: tuple[int, float]) -> int:
 EXIT_DRAIN_SCRIPT = """
 import sys, time
 import procession
+import procession.backends.registry
 
 def note(path, i):
     time.sleep(0.02)
@@ -187,7 +188,8 @@ def note(path, i):
 
 if __name__ == "__main__":
     backend, mode, path = sys.argv[1:4]
-    ex = procession.Executor(backend=backend, workers=2)
+    limit = procession.backends.registry.get_backend_class(backend).max_workers
+    ex = procession.Executor(backend=backend, workers=min(2, limit or 2))
     futures = [ex.submit(note, path, i) for i in range(20)]
     cancelled = sum(f.cancel() for f in futures[10:])
     print(cancelled, flush=True)
@@ -231,6 +233,7 @@ if __name__ == "__main__":
 SUBMIT_AT_EXIT_SCRIPT = """
 import atexit, sys
 import procession
+import procession.backends.registry
 
 @atexit.register
 def submit_late():
@@ -240,6 +243,7 @@ def submit_late():
         print("refused:", exc, flush=True)
 
 if __name__ == "__main__":
-    ex = procession.Executor(backend=sys.argv[1], workers=2)
+    limit = procession.backends.registry.get_backend_class(sys.argv[1]).max_workers
+    ex = procession.Executor(backend=sys.argv[1], workers=min(2, limit or 2))
     print(ex.submit(abs, -42).result(), flush=True)
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _backend_helpers import workers_up_to
 from _faults_helpers import (
     EXIT_DRAIN_SCRIPT,
     LEFTOVERS_SCRIPT,
@@ -36,26 +37,38 @@ from procession.errors import RemoteTraceback
 
 HERE = Path(__file__).parent
 
+
+def _two(backend_name: str) -> int:
+    """Two workers, or what the backend can run (serial: one)."""
+    return workers_up_to(backend_name, 2)
+
+
 # -- 3. nested maps -------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
 def test_nested_map_runs_inline_in_the_worker(backend_name: str) -> None:
     # On threads this deadlocked: both outer tasks waited on the pool they occupied.
-    out = list(procession.map(nested_default, [3, 4], backend=backend_name, workers=2))
+    out = list(
+        procession.map(nested_default, [3, 4], backend=backend_name, workers=_two(backend_name))
+    )
     assert out == [(3, True, True), (4, True, True)]
 
 
 @pytest.mark.timeout(90)
 def test_nested_explicit_threads_get_their_own_pool(backend_name: str) -> None:
-    out = list(procession.map(nested_threads, [3, 4, 5], backend=backend_name, workers=2))
+    out = list(
+        procession.map(nested_threads, [3, 4, 5], backend=backend_name, workers=_two(backend_name))
+    )
     assert out == [6, 10, 15]
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("inner", ["process", "loky", "multiprocessing", "dask"])
 def test_nested_process_pool_is_refused_with_advice(backend_name: str, inner: str) -> None:
-    (message,) = procession.map(nested_explicit, [inner], backend=backend_name, workers=2)
+    (message,) = procession.map(
+        nested_explicit, [inner], backend=backend_name, workers=_two(backend_name)
+    )
     assert f"backend={inner!r} was called inside a procession task" in message
     assert "Drop backend=" in message
 
@@ -97,7 +110,7 @@ def test_accepted_work_runs_at_exit(backend_name: str, mode: str, tmp_path: Path
 def test_cancel_before_start_and_shutdown_cancel_futures(backend_name: str) -> None:
     import time
 
-    with procession.Executor(backend=backend_name, workers=2) as ex:
+    with procession.Executor(backend=backend_name, workers=_two(backend_name)) as ex:
         futures = [ex.submit(time.sleep, 0.2) for _ in range(30)]
         # In-process inline backends run each task inside submit(): nothing to cancel.
         inline = all(f.done() for f in futures)
@@ -118,19 +131,28 @@ def test_cancel_before_start_and_shutdown_cancel_futures(backend_name: str) -> N
 
 @pytest.mark.timeout(90)
 def test_keyboard_interrupt_in_a_task_is_the_tasks_error(backend_name: str) -> None:
-    pool = api.resolve_backend(backend_name, 2)
+    pool = api.resolve_backend(backend_name, _two(backend_name))
     pool.start()
     pids = pool.worker_pids()
     with pytest.raises(KeyboardInterrupt) as info:
-        list(procession.map(raise_keyboard_interrupt, [1], backend=backend_name, workers=2))
+        list(
+            procession.map(
+                raise_keyboard_interrupt,
+                [1],
+                backend=backend_name,
+                workers=_two(backend_name),
+            )
+        )
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "raised by the task" in str(info.value.__cause__)
     # The shared pool survived: same pool object, same workers, still working.
-    assert api.resolve_backend(backend_name, 2) is pool
+    assert api.resolve_backend(backend_name, _two(backend_name)) is pool
     assert pool.worker_pids() == pids
-    assert list(procession.map(abs, [-1, -2], backend=backend_name, workers=2)) == [1, 2]
+    assert list(
+        procession.map(abs, [-1, -2], backend=backend_name, workers=_two(backend_name))
+    ) == [1, 2]
 
-    with procession.Executor(backend=backend_name, workers=2) as ex:
+    with procession.Executor(backend=backend_name, workers=_two(backend_name)) as ex:
         with pytest.raises(KeyboardInterrupt):
             ex.submit(raise_keyboard_interrupt, 0).result(timeout=60)
         assert ex.submit(abs, -3).result(timeout=60) == 3

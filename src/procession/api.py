@@ -55,6 +55,8 @@ def resolve_backend(backend: str | Backend | None, workers: int | None) -> Backe
     nested = _nesting.nested_backend(backend)
     if nested is not None:
         # Inside a task: never the pool the caller's own task may be running on.
+        if backend is None:
+            workers = None  # inline: the worker count asked for has nothing to size
         return pools.shared_backend(nested, workers, level=_nesting.nesting_level())
     return pools.shared_backend(default_backend_name() if backend is None else backend, workers)
 
@@ -211,6 +213,8 @@ class Executor(futures.Executor):
         factory = get_backend_class(name)
         default_serializer = getattr(factory, "default_serializer", "cloudpickle")
         self._serializer = get_serializer(serializer, default_serializer)
+        if backend is None and name == _nesting.NESTED_DEFAULT:
+            count = None  # a nested Executor runs inline: nothing to size
         options: dict[str, Any] = {"workers": count}
         if initializer is not None:
             options["worker_setup"] = encode_setup(self._serializer, initializer, tuple(initargs))
