@@ -474,3 +474,20 @@ def test_missing_distributed_names_the_pip_install() -> None:
     )
     assert "pip install 'procession[dask]'" in result.stdout, result.stdout + result.stderr
     assert issubclass(BackendUnavailableError, ImportError)
+
+
+@pytest.mark.timeout(90)
+def test_only_a_bounded_prefetch_reaches_dask() -> None:
+    """Issue 17 item 7: tasks wait here, cancellable, until a worker will soon take them."""
+    backend = procession.create_backend("dask", workers=1)
+    try:
+        ex = procession.Executor(backend=backend)
+        futures = [ex.submit(time.sleep, 0.3) for _ in range(12)]
+        client = backend.client
+        assert client is not None
+        assert len(client.futures) <= 2  # 2 x workers handed to Dask, the rest held here
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert sum(f.cancelled() for f in futures) >= 9
+        assert all(f.exception() is None for f in futures if not f.cancelled())
+    finally:
+        backend.shutdown(wait=True)

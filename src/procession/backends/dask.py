@@ -66,6 +66,7 @@ import time
 import traceback
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -336,6 +337,11 @@ class DaskBackend(Backend):
         # Embedded clusters being closed (a later kill must still reach them).
         self._closing: list[Any] = []
         self._scratch: str | None = None  # the embedded cluster's local_directory
+        # Bounded prefetch: futures handed to Dask, and attempts waiting for a slot.
+        self._prefetch: int | None = None
+        self._draining: Any = None  # the client while shutdown(wait=True) drains
+        self._sent: set[Future[bytes]] = set()
+        self._waiting: deque[_Attempt] = deque()
 
     # -- options -----------------------------------------------------------------
 
@@ -503,6 +509,7 @@ class DaskBackend(Backend):
         """
         with self._lock:
             client, self._client = self._client, None
+            self._draining = None if kill else client
             cluster, self._cluster = self._cluster, None
             self._closed = True
             exit_hook, self._exit_hook = self._exit_hook, None
@@ -536,10 +543,14 @@ class DaskBackend(Backend):
     def _close(self, client: Any, cluster: Any, *, wait: bool) -> None:
         if wait:
             with self._lock:
-                pending = [a.future for a in self._attempts.values()]
+                pending = [a.future for a in self._by_future.values()]
             wait_futures(pending)
         with self._lock:
+            self._draining = None
+        with self._lock:
             attempts = list(self._attempts.values())
+            attempts += [a for a in self._waiting if self._by_future.get(a.future) is a]
+            self._waiting.clear()
             self._attempts.clear()
             self._by_future.clear()
         for attempt in attempts:
@@ -584,19 +595,48 @@ class DaskBackend(Backend):
 
     def submit(self, task: bytes) -> TaskFuture:
         self.start()
+        if self._prefetch is None:
+            # Read here, in the caller's thread: for an existing cluster it asks
+            # the scheduler, which must never happen from the client's event loop.
+            self._prefetch = 2 * max(1, self.workers)
         future = TaskFuture()
         attempt = _Attempt(future=future, tag=next(self._tags), task=task)
         with self._lock:
             if self._closed or self._client is None:
                 raise RuntimeError("cannot submit to a dask backend that was shut down")
             self._by_future[future] = attempt
+            # A small bounded prefetch: a task goes to Dask only when a worker will
+            # soon take it, so the rest stays here, cancellable, in order.
+            send = len(self._sent) < self._prefetch
+            if send:
+                self._sent.add(future)
+            else:
+                self._waiting.append(attempt)
         future.add_done_callback(self._on_task_future_done)
-        self._send(attempt)
+        if send:
+            self._send(attempt)
         return future
+
+    def _release(self, future: Future[bytes]) -> None:
+        """``future`` is done: its slot goes to the next waiting task, if any."""
+        ready: list[_Attempt] = []
+        with self._lock:
+            if future not in self._sent:
+                return
+            self._sent.discard(future)
+            while self._waiting and len(self._sent) < (self._prefetch or 1):
+                attempt = self._waiting.popleft()
+                if attempt.future.done() or self._by_future.get(attempt.future) is not attempt:
+                    continue  # cancelled while waiting
+                self._sent.add(attempt.future)
+                ready.append(attempt)
+        for attempt in ready:
+            self._send(attempt)
 
     def _send(self, attempt: _Attempt) -> None:
         with self._lock:
-            client = self._client
+            # While shutdown(wait=True) drains, tasks still waiting for a slot go out.
+            client = self._client or self._draining
             if client is None:
                 return
             self._attempts[attempt.tag] = attempt
@@ -808,7 +848,8 @@ class DaskBackend(Backend):
             future.set_result(value)
 
     def _on_task_future_done(self, future: Future[bytes]) -> None:
-        """The scheduler cancelled a task that had not started: drop its Dask task."""
+        """A task finished (or was cancelled before it started: drop its Dask task)."""
+        self._release(future)
         if not future.cancelled():
             return
         with self._lock:
