@@ -318,37 +318,53 @@ def test_aclose_ends_the_iterator(backend_name: str) -> None:
 
 
 def test_cancelling_the_consumer_kills_running_work(
-    process_backend_name: str, tmp_path: Path
+    process_backend_name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    if process_backend_name == "loky":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="loky backend: kill_task() re-queues the other running tasks, whose "
+                "futures can no longer be cancelled, so MapRun.abort(kill=True) leaves them "
+                "running for nobody (also with procession.map; backends/loky.py)",
+            )
+        )
     items = [(str(tmp_path), x, 60.0) for x in range(20)]
-    started_pids: list[int] = []
+    # A backend of its own: a task left running by mistake must not hold up
+    # the warm pool the other tests share.
+    backend = procession.create_backend(process_backend_name, workers=WORKERS)
 
     async def consume() -> None:
-        async for _ in procession.amap(
-            mark_and_sleep, items, backend=process_backend_name, workers=WORKERS, chunksize=1
-        ):
+        async for _ in procession.amap(mark_and_sleep, items, backend=backend, chunksize=1):
             raise AssertionError("a 60 s task finished")
 
-    async def main() -> float:
+    def start_pids() -> set[int]:
+        return {int(p.read_text()) for p in tmp_path.glob("*.start")}
+
+    async def main() -> tuple[float, set[int]]:
         task = asyncio.create_task(consume())
-        await _wait_until(lambda: _count(tmp_path, "start") >= 1, 60, "a task to start")
-        started_pids.extend(int(p.read_text()) for p in tmp_path.glob("*.start"))
+        await _wait_until(lambda: _count(tmp_path, "start") >= WORKERS, 60, "both workers busy")
+        running = start_pids()
         cancelled_at = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         took = time.monotonic() - cancelled_at
+        await _wait_until(
+            lambda: not any(_alive(pid) for pid in running), 20, f"workers {running} killed"
+        )
+        # Nothing starts again for nobody (a re-queued task would write a new pid).
+        await asyncio.sleep(2.0)
+        return took, {pid for pid in start_pids() if _alive(pid)}
 
-        def workers_gone() -> bool:
-            return not any(_alive(pid) for pid in started_pids)
-
-        await _wait_until(workers_gone, 20, f"the workers {started_pids} to be killed")
-        return took
-
-    took = run_async(main, limit=120)
+    try:
+        took, still_running = run_async(main, limit=120)
+    finally:
+        backend.shutdown(wait=False, kill=True)
     assert took < 5.0, f"the consumer took {took:.1f}s to stop"
+    assert not still_running, f"tasks run on for nobody in worker pids {still_running}"
     assert _count(tmp_path, "done") == 0
-    # No task was sent after the cancellation.
+    # No task was sent after the cancellation: only the window's.
     assert _count(tmp_path, "start") <= 2 * WORKERS
 
 
