@@ -1,7 +1,7 @@
 """asyncio: :func:`amap`, procession's whole map as an async iterator.
 
 A :class:`~procession.scheduler.MapRun` is a blocking iterator, so a *pump*
-thread drives it and hands whole result batches (one list per chunk) to the
+thread drives it and hands whole result batches (one per chunk) to the
 event loop; the loop thread only takes a lock for a moment and yields items.
 
     event loop thread                              pump thread ("procession-amap")
@@ -11,6 +11,8 @@ event loop; the loop thread only takes a lock for a moment and yields items.
       none yet: await a Future ◄─ call_soon_threadsafe ─ is full (back-pressure)
       yield the items one by one
     async source: anext() runs on the loop ◄─ run_coroutine_threadsafe ─ MapRun reads input
+                                                   (a TimedSource: results keep
+                                                   flowing while the source pauses)
     cancel / aclose() / break ──► stop: no more input, buffer closed,
                                   MapRun.abort(kill=True) from a helper thread
 
@@ -34,7 +36,7 @@ from typing import Any, TypeVar, cast
 
 from procession import api
 from procession.backends.base import Backend, Capabilities
-from procession.scheduler import MapRun, OnError, validate_map_options
+from procession.scheduler import IDLE, MapRun, OnError, TimedSource, validate_map_options
 from procession.serialization.diagnostics import check_picklable
 from procession.serialization.serializers import Serializer, get_serializer
 
@@ -47,7 +49,9 @@ T = TypeVar("T")
 MAX_BUFFERED_BATCHES = 8
 # How often the helper thread repeats MapRun.abort() while the pump is still in
 # the run: a chunk sent while the first abort ran must be stopped too.
-REAP_SECONDS = 0.05
+REAP_SECONDS = 0.25
+# The longest an async source read keeps the pump from delivering results.
+BLOCKING_READ_SLICE = 0.05
 
 
 def amap(
@@ -188,7 +192,7 @@ class _Channel:
         self._source = source
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
-        self._batches: deque[list[Any]] = deque()
+        self._batches: deque[Iterable[Any]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False
         self._error: BaseException | None = None
@@ -226,10 +230,8 @@ class _Channel:
                     error = error or exc
             self._finish(error)
 
-    def _put(self, batch: list[Any]) -> bool:
+    def _put(self, batch: Iterable[Any]) -> bool:
         """Hand a batch over; False when nobody will read it."""
-        if not batch:
-            return True
         with self._space:
             while len(self._batches) >= MAX_BUFFERED_BATCHES and not self._stopping:
                 self._space.wait()
@@ -259,7 +261,7 @@ class _Channel:
 
     # -- the event loop thread ----------------------------------------------
 
-    def take(self) -> list[list[Any]] | asyncio.Future[None] | None:
+    def take(self) -> list[Iterable[Any]] | asyncio.Future[None] | None:
         """Every buffered batch; else a future to await; None at the end."""
         with self._lock:
             if self._batches:
@@ -300,7 +302,7 @@ class _Channel:
             pump.join(REAP_SECONDS)
 
 
-def _batches(run: IteratorABC[Any]) -> IteratorABC[list[Any]]:
+def _batches(run: IteratorABC[Any]) -> IteratorABC[Iterable[Any]]:
     """The run's results a chunk at a time.
 
     MapRun has no public batch iterator yet; its private ``_batches``
@@ -309,20 +311,22 @@ def _batches(run: IteratorABC[Any]) -> IteratorABC[list[Any]]:
     """
     batches = getattr(run, "_batches", None)
     if isinstance(batches, IteratorABC):
-        return cast(IteratorABC[list[Any]], batches)
+        return cast(IteratorABC[Iterable[Any]], batches)
     return ([item] for item in run)
 
 
 _END = object()
 
 
-class _AsyncSource(IteratorABC[Any]):
-    """A blocking iterator over an async iterable, for MapRun's pump thread.
+class _AsyncSource(TimedSource):
+    """An async iterable as a :class:`~procession.scheduler.TimedSource` for the pump.
 
-    Each ``next()`` runs one ``anext()`` on the event loop and waits for it, so
-    the async source is read exactly as lazily as an ordinary one.  ``stop()``
-    cancels a pending ``anext()`` so that the pump never waits on a loop that
-    has stopped listening.
+    Each item is one ``anext()`` run on the event loop; the pump waits for it
+    at most as long as MapRun asks, so results keep flowing to the consumer
+    while the source pauses (a connection waiting for its next request).  The
+    source is read exactly as lazily as an ordinary one: one ``anext()`` at a
+    time, only when MapRun wants an item.  ``stop()`` cancels a pending
+    ``anext()`` so that the pump never waits on a loop that stopped listening.
     """
 
     def __init__(self, aiterable: AsyncIterable[Any]) -> None:
@@ -344,27 +348,39 @@ class _AsyncSource(IteratorABC[Any]):
         except StopAsyncIteration:
             return _END
 
-    def __next__(self) -> Any:
+    def read(self, timeout: float | None) -> Any:
         with self._lock:
             if self._stopped or self._loop is None:
                 raise StopIteration
-            step = self._next()
-            try:
-                future = asyncio.run_coroutine_threadsafe(step, self._loop)
-            except RuntimeError:
-                step.close()  # the loop is closed: the input ends here
-                self._stopped = True
-                raise StopIteration from None
-            self._pending = future
+            future = self._pending
+            if future is None:
+                step = self._next()
+                try:
+                    future = asyncio.run_coroutine_threadsafe(step, self._loop)
+                except RuntimeError:
+                    step.close()  # the loop is closed: the input ends here
+                    self._stopped = True
+                    raise StopIteration from None
+                # Kept across reads that time out: the same anext() is awaited next time.
+                self._pending = future
+        if timeout is None:
+            # MapRun asks to wait without limit whenever no task is in flight,
+            # even when finished results are still to be delivered (scheduler.py,
+            # _loop: may_block=not self._pending).  A conversation whose next
+            # request waits for that answer would deadlock: wait in slices.
+            timeout = BLOCKING_READ_SLICE
         try:
-            item = future.result()
+            item = future.result(timeout)
+        except TimeoutError:
+            return IDLE
         except concurrent.futures.CancelledError:
             if self._stopped:
                 raise StopIteration from None
             raise
         finally:
-            with self._lock:
-                self._pending = None
+            if future.done():
+                with self._lock:
+                    self._pending = None
         if item is _END:
             raise StopIteration
         return item
