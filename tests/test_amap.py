@@ -267,6 +267,26 @@ def test_on_error_return(backend_name: str) -> None:
     assert isinstance(got[3].__cause__, RemoteTraceback)
 
 
+def test_timeout_kills_a_late_item(process_backend_name: str) -> None:
+    # On Dask, this MapRun is made on the pump thread (its capabilities come
+    # from the cluster): the timeout must still apply.
+    got = run_async(
+        lambda: collect(
+            procession.amap(
+                nap,
+                [0.01, 30.0, 0.01],
+                backend=process_backend_name,
+                workers=WORKERS,
+                timeout=3.0,
+                on_error="return",
+            )
+        ),
+        limit=90,
+    )
+    assert got[0] == 0.01 and got[2] == 0.01
+    assert isinstance(got[1], procession.TaskTimeoutError), got
+
+
 @pytest.mark.parametrize(
     "options",
     [
