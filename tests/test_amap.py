@@ -20,6 +20,7 @@ import pytest
 
 import procession
 from procession import pools
+from procession.backends.registry import get_backend_class
 from procession.errors import RemoteTraceback
 
 T = TypeVar("T")
@@ -28,6 +29,12 @@ WORKERS = 2
 # Backends that run each task inside submit(), on the calling thread: nothing
 # runs concurrently there, so completion order is input order.
 INLINE_BACKENDS = {"serial", "example-inline"}
+
+
+def workers_for(backend_name: str) -> int:
+    """WORKERS, or fewer where the backend cannot run that many (serial: 1)."""
+    limit = get_backend_class(backend_name).max_workers
+    return WORKERS if limit is None else min(WORKERS, limit)
 
 
 def double(x: int) -> int:
@@ -119,7 +126,11 @@ def test_ordered_results(backend_name: str, chunksize: int | str) -> None:
     got = run_async(
         lambda: collect(
             procession.amap(
-                double, data, backend=backend_name, workers=WORKERS, chunksize=chunksize
+                double,
+                data,
+                backend=backend_name,
+                workers=workers_for(backend_name),
+                chunksize=chunksize,
             )
         )
     )
@@ -132,7 +143,12 @@ def test_unordered_yields_in_completion_order(backend_name: str) -> None:
     got = run_async(
         lambda: collect(
             procession.amap(
-                nap, durations, backend=backend_name, workers=WORKERS, chunksize=1, ordered=False
+                nap,
+                durations,
+                backend=backend_name,
+                workers=workers_for(backend_name),
+                chunksize=1,
+                ordered=False,
             )
         )
     )
@@ -149,7 +165,9 @@ def test_empty_input_and_async_source(backend_name: str) -> None:
         yield  # pragma: no cover
 
     async def main() -> tuple[list[int], list[int]]:
-        plain = await collect(procession.amap(double, [], backend=backend_name, workers=WORKERS))
+        plain = await collect(
+            procession.amap(double, [], backend=backend_name, workers=workers_for(backend_name))
+        )
         empty = await collect(procession.amap(double, nothing(), backend=backend_name))
         return plain, empty
 
@@ -176,7 +194,7 @@ def test_async_source_is_read_lazily_on_the_loop(
     async def main() -> tuple[list[int], int, int]:
         got = []
         async for y in procession.amap(
-            double, numbers(), backend=backend_name, workers=WORKERS, chunksize=2
+            double, numbers(), backend=backend_name, workers=workers_for(backend_name), chunksize=2
         ):
             got.append(y)
             if len(got) == 10:
@@ -208,7 +226,9 @@ def test_async_source_waiting_for_results_does_not_deadlock(backend_name: str) -
 
     async def main() -> list[int]:
         got = []
-        async for y in procession.amap(double, requests(), backend=backend_name, workers=WORKERS):
+        async for y in procession.amap(
+            double, requests(), backend=backend_name, workers=workers_for(backend_name)
+        ):
             got.append(y)
             answered.set()
         return got
@@ -240,7 +260,11 @@ def test_exception_keeps_type_and_remote_traceback(backend_name: str) -> None:
         got = []
         try:
             async for y in procession.amap(
-                fail_on_three, range(10), backend=backend_name, workers=WORKERS, chunksize=1
+                fail_on_three,
+                range(10),
+                backend=backend_name,
+                workers=workers_for(backend_name),
+                chunksize=1,
             ):
                 got.append(y)
         except KeyError as exc:
@@ -258,7 +282,11 @@ def test_on_error_return(backend_name: str) -> None:
     got = run_async(
         lambda: collect(
             procession.amap(
-                fail_on_three, range(6), backend=backend_name, workers=WORKERS, on_error="return"
+                fail_on_three,
+                range(6),
+                backend=backend_name,
+                workers=workers_for(backend_name),
+                on_error="return",
             )
         )
     )
@@ -368,7 +396,11 @@ def test_break_stops_reading_and_sending(
     async def main() -> tuple[int, int]:
         got = 0
         async for _ in procession.amap(
-            mark_and_sleep, items, backend=backend_name, workers=WORKERS, chunksize=1
+            mark_and_sleep,
+            items,
+            backend=backend_name,
+            workers=workers_for(backend_name),
+            chunksize=1,
         ):
             got += 1
             if got == 3:
@@ -388,7 +420,9 @@ def test_aclose_ends_the_iterator(backend_name: str, request: pytest.FixtureRequ
     known_stop_bugs(request, backend_name)
 
     async def main() -> list[int]:
-        iterator = procession.amap(double, range(10_000), backend=backend_name, workers=WORKERS)
+        iterator = procession.amap(
+            double, range(10_000), backend=backend_name, workers=workers_for(backend_name)
+        )
         first = [await anext(iterator), await anext(iterator)]
         await iterator.aclose()
         with pytest.raises(StopAsyncIteration):
@@ -457,7 +491,11 @@ def test_cancelling_the_consumer_stops_sending(
 
     async def consume(got: list[int]) -> None:
         async for y in procession.amap(
-            mark_and_sleep, items, backend=backend_name, workers=WORKERS, chunksize=1
+            mark_and_sleep,
+            items,
+            backend=backend_name,
+            workers=workers_for(backend_name),
+            chunksize=1,
         ):
             got.append(y)
 
@@ -513,7 +551,9 @@ def test_event_loop_keeps_ticking_while_workers_run(backend_name: str) -> None:
         ticking = asyncio.create_task(ticker())
         await asyncio.sleep(0.1)
         results = await collect(
-            procession.amap(nap, [task_seconds] * 2, backend=backend_name, workers=WORKERS)
+            procession.amap(
+                nap, [task_seconds] * 2, backend=backend_name, workers=workers_for(backend_name)
+            )
         )
         done.set()
         await ticking
@@ -531,7 +571,7 @@ def test_event_loop_keeps_ticking_while_workers_run(backend_name: str) -> None:
 
 
 def test_executor_submit_with_wrap_future(backend_name: str) -> None:
-    backend = pools.shared_backend(backend_name, WORKERS)
+    backend = pools.shared_backend(backend_name, workers_for(backend_name))
 
     async def main() -> tuple[int, BaseException]:
         with procession.Executor(backend=backend) as ex:

@@ -36,7 +36,8 @@ from typing import Any, TypeVar, cast
 
 from procession import api
 from procession.backends.base import Backend, Capabilities
-from procession.scheduler import IDLE, MapRun, OnError, TimedSource, validate_map_options
+from procession.options import MapOptions, OnError
+from procession.scheduler import IDLE, MapRun, TimedSource
 from procession.serialization.diagnostics import check_picklable
 from procession.serialization.serializers import Serializer, get_serializer
 
@@ -107,7 +108,7 @@ def amap(
             f"got {type(iterable).__name__}"
         )
     chosen = api.resolve_backend(backend, workers)
-    if _builds_without_blocking(chosen, timeout):
+    if _builds_without_blocking(chosen):
         run = api.map(fn, inputs, **options)
         return _consume(lambda: run, source)
     # Making the MapRun would start or query this backend (a Dask cluster, say):
@@ -116,8 +117,8 @@ def amap(
     return _consume(lambda: api.map(fn, inputs, **options), source)
 
 
-def _builds_without_blocking(backend: Backend, timeout: float | None) -> bool:
-    """Can MapRun() read ``workers`` (and ``capabilities`` for timeout=) without I/O?
+def _builds_without_blocking(backend: Backend) -> bool:
+    """Can MapRun() read ``workers`` and ``capabilities`` without I/O?
 
     The built-in pools keep both as plain attributes.  Dask computes them from
     its cluster, which may have to be started or asked first.
@@ -125,28 +126,23 @@ def _builds_without_blocking(backend: Backend, timeout: float | None) -> bool:
     cls = type(backend)
     if isinstance(inspect.getattr_static(cls, "workers", None), property):
         return False
-    return timeout is None or isinstance(
-        inspect.getattr_static(cls, "capabilities", None), Capabilities
-    )
+    return isinstance(inspect.getattr_static(cls, "capabilities", None), Capabilities)
 
 
 def _precheck(fn: Callable[..., Any], backend: Backend, options: dict[str, Any]) -> None:
-    """map()'s checks that need neither a started backend nor its capabilities."""
-    timeout = options["timeout"]
-    validate_map_options(
+    """map()'s checks that need neither a started backend nor its capabilities.
+
+    What the backend can honour (``MapOptions.check_backend``) is checked when
+    the pump makes the run: that error is raised at the first ``await``.
+    """
+    MapOptions(
         chunksize=options["chunksize"],
         ordered=options["ordered"],
-        timeout=None,
+        timeout=options["timeout"],
         retries=options["retries"],
         on_error=options["on_error"],
-        backend=backend,
+        progress=options["progress"],
     )
-    if timeout is not None:
-        # Whether the backend can honour timeout= is checked on the pump thread.
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if not callable(fn):
         raise TypeError(f"the function to map must be callable, got {type(fn).__name__}")
     check_picklable(fn, get_serializer(options["serializer"], backend.default_serializer))
