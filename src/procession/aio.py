@@ -51,8 +51,6 @@ MAX_BUFFERED_BATCHES = 8
 # How often the helper thread repeats MapRun.abort() while the pump is still in
 # the run: a chunk sent while the first abort ran must be stopped too.
 REAP_SECONDS = 0.25
-# The longest an async source read keeps the pump from delivering results.
-BLOCKING_READ_SLICE = 0.05
 
 
 def amap(
@@ -359,12 +357,6 @@ class _AsyncSource(TimedSource):
                     raise StopIteration from None
                 # Kept across reads that time out: the same anext() is awaited next time.
                 self._pending = future
-        if timeout is None:
-            # MapRun asks to wait without limit whenever no task is in flight,
-            # even when finished results are still to be delivered (scheduler.py,
-            # _loop: may_block=not self._pending).  A conversation whose next
-            # request waits for that answer would deadlock: wait in slices.
-            timeout = BLOCKING_READ_SLICE
         try:
             item = future.result(timeout)
         except TimeoutError:
