@@ -212,6 +212,65 @@ def test_async_source_is_read_lazily_on_the_loop(
     assert source_threads == {loop_thread}
 
 
+def test_async_source_read_ahead_keeps_order_and_errors(backend_name: str) -> None:
+    # Items the source has ready are fetched in one hop; those behind an await,
+    # the end and an error must still come in their place.
+    async def mixed(fail_at: int | None) -> AsyncIterator[int]:
+        for n in range(60):
+            if n % 7 == 3:
+                await asyncio.sleep(0.001)
+            if n == fail_at:
+                raise OSError(f"the feed broke at {n}")
+            yield n
+
+    async def main() -> tuple[list[int], list[int], BaseException | None]:
+        whole = await collect(
+            procession.amap(double, mixed(None), backend=backend_name, chunksize=4)
+        )
+        got: list[int] = []
+        error = None
+        try:
+            async for y in procession.amap(double, mixed(45), backend=backend_name, chunksize=4):
+                got.append(y)
+        except OSError as exc:
+            error = exc
+        return whole, got, error
+
+    whole, got, error = run_async(main)
+    assert whole == [2 * n for n in range(60)]
+    assert got == [2 * n for n in range(45)]
+    assert error is not None and "broke at 45" in str(error)
+
+
+def test_fast_async_source_is_read_ahead_a_bounded_amount(
+    backend_name: str, request: pytest.FixtureRequest
+) -> None:
+    known_stop_bugs(request, backend_name)
+    pulled = 0
+
+    async def endless() -> AsyncIterator[int]:
+        nonlocal pulled
+        n = 0
+        while True:  # never waits: every item is ready at once
+            pulled += 1
+            yield n
+            n += 1
+
+    async def main() -> tuple[list[int], int]:
+        got = []
+        async for y in procession.amap(double, endless(), backend=backend_name, chunksize=2):
+            got.append(y)
+            if len(got) == 10:
+                break
+        await asyncio.sleep(0.5)
+        return got, pulled
+
+    got, total = run_async(main)
+    assert got == [2 * x for x in range(10)]
+    # The window and buffered batches, plus at most one read-ahead batch.
+    assert total <= 10 + 2 * 2 * WORKERS + 2 * 8 + 64, total
+
+
 def test_async_source_waiting_for_results_does_not_deadlock(backend_name: str) -> None:
     # A conversation: the next request comes only after the previous answer
     # arrived.  The source pauses while its item is being worked on, so amap must

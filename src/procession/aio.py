@@ -29,8 +29,17 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+import types
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+)
 from collections.abc import Iterator as IteratorABC
 from typing import Any, TypeVar, cast
 
@@ -310,55 +319,129 @@ def _batches(run: IteratorABC[Any]) -> IteratorABC[Iterable[Any]]:
 
 
 _END = object()
+# The most items of an async source fetched in one hop to the loop: the one
+# MapRun asked for, then only those the source has ready without waiting.
+READ_AHEAD = 64
+
+
+class _Failure:
+    """An exception the async source raised, delivered at its place in the input."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+@types.coroutine
+def _resume(step: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """The rest of an ``anext()`` that suspended after its first step (as ``await`` would)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = step.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _next_now(iterator: AsyncIterator[Any]) -> tuple[bool, Any]:
+    """(True, item) if ``anext(iterator)`` completes without waiting; else (False, rest).
+
+    Raises StopAsyncIteration at the end, like ``anext``.
+    """
+    step = anext(iterator).__await__()
+    try:
+        yielded = step.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, _resume(step, yielded)
 
 
 class _AsyncSource(TimedSource):
     """An async iterable as a :class:`~procession.scheduler.TimedSource` for the pump.
 
-    Each item is one ``anext()`` run on the event loop; the pump waits for it
-    at most as long as MapRun asks, so results keep flowing to the consumer
-    while the source pauses (a connection waiting for its next request).  The
-    source is read exactly as lazily as an ordinary one: one ``anext()`` at a
-    time, only when MapRun wants an item.  ``stop()`` cancels a pending
-    ``anext()`` so that the pump never waits on a loop that stopped listening.
+    A read the pump cannot serve from what it already holds is one hop to the
+    loop, which awaits the next item and then takes every further item the
+    source has ready without waiting (at most ``READ_AHEAD``), so a fast source
+    costs one thread hop per batch, not per item, and a slow one is read
+    exactly as lazily as an ordinary iterable.  The pump waits at most as long
+    as MapRun asks, so results keep flowing while the source pauses (a
+    connection waiting for its next request).  ``stop()`` cancels what is in
+    flight on the loop, so the pump never waits on a loop that stopped
+    listening.
     """
 
     def __init__(self, aiterable: AsyncIterable[Any]) -> None:
         self._aiterable = aiterable
-        self._iterator: AsyncIterator[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
-        self._pending: concurrent.futures.Future[Any] | None = None
+        # Pump side: items fetched and not yet read; the batch being fetched.
+        self._ready: deque[Any] = deque()
+        self._pending: concurrent.futures.Future[list[Any]] | None = None
         self._stopped = False
+        # Loop side: the iterator, and an anext() that suspended while reading ahead.
+        self._iterator: AsyncIterator[Any] | None = None
+        self._carry: asyncio.Task[Any] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    async def _next(self) -> Any:
+    async def _fetch(self) -> list[Any]:
+        """On the loop: the next item, then those ready at once, then maybe _END/_Failure."""
         if self._iterator is None:
             self._iterator = aiter(self._aiterable)
+        items: list[Any] = []
         try:
-            return await anext(self._iterator)
+            carry, self._carry = self._carry, None
+            items.append(await (carry if carry is not None else anext(self._iterator)))
+            while len(items) < READ_AHEAD:
+                ready, value = _next_now(self._iterator)
+                if not ready:
+                    # It waits for something: let it finish as a task, for next time.
+                    self._carry = asyncio.ensure_future(_finish(value))
+                    self._carry.add_done_callback(_retrieve)
+                    break
+                items.append(value)
         except StopAsyncIteration:
-            return _END
+            items.append(_END)
+        except Exception as exc:
+            items.append(_Failure(exc))
+        return items
+
+    def _cancel_carry(self) -> None:
+        if self._carry is not None:
+            self._carry.cancel()
 
     def read(self, timeout: float | None) -> Any:
         with self._lock:
             if self._stopped or self._loop is None:
                 raise StopIteration
+            if self._ready:
+                return self._deliver(self._ready.popleft())
             future = self._pending
             if future is None:
-                step = self._next()
+                step = self._fetch()
                 try:
                     future = asyncio.run_coroutine_threadsafe(step, self._loop)
                 except RuntimeError:
                     step.close()  # the loop is closed: the input ends here
                     self._stopped = True
                     raise StopIteration from None
-                # Kept across reads that time out: the same anext() is awaited next time.
+                # Kept across reads that time out: the same fetch is awaited next time.
                 self._pending = future
         try:
-            item = future.result(timeout)
+            batch = future.result(timeout)
         except TimeoutError:
             return IDLE
         except concurrent.futures.CancelledError:
@@ -369,13 +452,37 @@ class _AsyncSource(TimedSource):
             if future.done():
                 with self._lock:
                     self._pending = None
+        with self._lock:
+            if self._stopped:
+                raise StopIteration
+            self._ready.extend(batch)
+            return self._deliver(self._ready.popleft())
+
+    def _deliver(self, item: Any) -> Any:
+        """``item``, or the end or failure it stands for (lock held)."""
         if item is _END:
+            self._ready.appendleft(_END)  # the end stays the end
             raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.exc
         return item
 
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
+            self._ready.clear()
             pending = self._pending
+            loop = self._loop
         if pending is not None:
             pending.cancel()
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._cancel_carry)
+            except RuntimeError:
+                pass  # the loop is closed: it cancelled its tasks itself
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # A read-ahead nobody collects (the consumer left) must not log "never retrieved".
+    if not task.cancelled():
+        task.exception()
