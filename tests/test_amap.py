@@ -431,17 +431,11 @@ LOKY_REQUEUE = (
     "tasks handed to it, whose futures can no longer be cancelled, so MapRun.abort(kill=True) "
     "leaves them running for nobody (also with procession.map; backends/loky.py)"
 )
-DASK_CANCEL_UNNOTIFIED = (
-    "dask backend: a TaskFuture cancelled by MapRun.abort() before it started is never "
-    "acknowledged (set_running_or_notify_cancel), so the run's concurrent.futures.wait() "
-    "never returns and the pump thread stays (also with procession.map + abort(); "
-    "backends/dask.py _on_task_future_done or scheduler.py MapRun.abort)"
-)
 
 
 def known_stop_bugs(request: pytest.FixtureRequest, backend_name: str) -> None:
     """Mark the backends whose stopping is broken outside amap (timing-dependent)."""
-    reason = {"loky": LOKY_REQUEUE, "dask": DASK_CANCEL_UNNOTIFIED}.get(backend_name)
+    reason = {"loky": LOKY_REQUEUE}.get(backend_name)
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 

@@ -41,7 +41,7 @@ from collections.abc import (
     Iterable,
 )
 from collections.abc import Iterator as IteratorABC
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from procession import api
 from procession.backends.base import Backend, Capabilities
@@ -213,7 +213,8 @@ class _Channel:
                 self._run = run
                 stopping = self._stopping
             if not stopping:
-                for batch in _batches(run):
+                batches = run.batches() if isinstance(run, MapRun) else ([i] for i in run)
+                for batch in batches:
                     if not self._put(batch):
                         break
         except BaseException as exc:
@@ -303,19 +304,6 @@ class _Channel:
             if isinstance(run, MapRun):
                 run.abort(kill=True)
             pump.join(REAP_SECONDS)
-
-
-def _batches(run: IteratorABC[Any]) -> IteratorABC[Iterable[Any]]:
-    """The run's results a chunk at a time.
-
-    MapRun has no public batch iterator yet; its private ``_batches``
-    generator is exactly that (and ``close()`` closes it).  Without it, items
-    go one by one, which is correct, only slower.
-    """
-    batches = getattr(run, "_batches", None)
-    if isinstance(batches, IteratorABC):
-        return cast(IteratorABC[Iterable[Any]], batches)
-    return ([item] for item in run)
 
 
 _END = object()

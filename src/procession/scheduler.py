@@ -558,9 +558,8 @@ class MapRun:
                 timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
             elif self._source_slow and not self._exhausted:
                 timeout = 0.0  # reading the slow source is what paces the loop
-            done, _ = wait(
-                [*self._pending, self._wakeup], timeout=timeout, return_when=FIRST_COMPLETED
-            )
+            waitables: list[Future[Any]] = [*self._pending, self._wakeup]
+            done, _ = wait(waitables, timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
             for future in done:
