@@ -426,16 +426,10 @@ def test_dask_options_checked_without_starting_the_cluster() -> None:
 # -- stopping -----------------------------------------------------------------------
 
 
-LOKY_REQUEUE = (
-    "loky backend: kill_task() replaces the whole executor and re-queues the other "
-    "tasks handed to it, whose futures can no longer be cancelled, so MapRun.abort(kill=True) "
-    "leaves them running for nobody (also with procession.map; backends/loky.py)"
-)
-
-
 def known_stop_bugs(request: pytest.FixtureRequest, backend_name: str) -> None:
     """Mark the backends whose stopping is broken outside amap (timing-dependent)."""
-    reason = {"loky": LOKY_REQUEUE}.get(backend_name)
+    # loky's re-queued tasks are stopped by kill_task now (issue 17): none known.
+    reason = {}.get(backend_name)
     if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 
@@ -488,8 +482,6 @@ def test_aclose_ends_the_iterator(backend_name: str, request: pytest.FixtureRequ
 def test_cancelling_the_consumer_kills_running_work(
     process_backend_name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if process_backend_name == "loky":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=LOKY_REQUEUE))
     items = [(str(tmp_path), x, 60.0) for x in range(20)]
     # A backend of its own: a task left running by mistake must not hold up
     # the warm pool the other tests share.

@@ -595,10 +595,18 @@ class LokyBackend(Backend):
                 (r for r in self._all_in_flight() if r.future is future and not r.handled), None
             )
             if record is None or record.generation is None:
-                return
-            generation = record.generation
-            self._requeue_generation(generation, keep=record)
-        generation.executor.shutdown(wait=False, kill_workers=True)
+                # Re-queued after an earlier kill_task (it had started, so its future
+                # cannot be cancelled): stop it here, before it runs again for nobody.
+                queued = next((r for r in self._queue if r.future is future), None)
+                if queued is None:
+                    return
+                self._queue.remove(queued)
+                generation = None
+            else:
+                generation = record.generation
+                self._requeue_generation(generation, keep=record)
+        if generation is not None:
+            generation.executor.shutdown(wait=False, kill_workers=True)
         _settle(
             future,
             WorkerCrashedError(
