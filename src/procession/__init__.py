@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "map": "procession.api",
     "Executor": "procession.api",
+    "Pool": "procession.pool",
     "Pipeline": "procession.pipeline",
     "Backend": "procession.backends.base",
     "Capabilities": "procession.backends.base",
@@ -42,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "RemoteError": "procession.errors",
 }
 
+# Submodules reachable as attributes without their own import statement.
+_SUBMODULES = frozenset({"joblib"})
+
 __all__ = [
     "Backend",
     "BackendInfo",
@@ -50,6 +54,7 @@ __all__ = [
     "Executor",
     "Pipeline",
     "PipelineError",
+    "Pool",
     "ProcessionError",
     "Recipe",
     "RemoteError",
@@ -88,6 +93,7 @@ if TYPE_CHECKING:
         WorkerCrashedError,
     )
     from procession.pipeline import Pipeline
+    from procession.pool import Pool
     from procession.serialization.adapters import register_adapter
     from procession.serialization.diagnostics import check_picklable
     from procession.serialization.recipes import Recipe
@@ -102,6 +108,9 @@ def __getattr__(name: str) -> Any:
         from procession.serialization.serializers import serializer_names
 
         return serializer_names()
+    if name in _SUBMODULES:
+        # ``procession.joblib`` after a plain ``import procession`` (it imports joblib).
+        return importlib.import_module(f"procession.{name}")
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'procession' has no attribute {name!r}")
