@@ -85,6 +85,26 @@ class _StarTagged(_Tagged):
         return (_StarTagged, (self.func,))
 
 
+class _Stoppable(Iterator[Any]):
+    """The input of an imap, cut short when the pool is terminated.
+
+    (Killing the workers fails the chunks in flight; this stops the reading of
+    more input, so the map ends instead of sending work to a stopped pool.)
+    """
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self._iterator = iter(iterable)
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def __next__(self) -> Any:
+        if self._stopped:
+            raise StopIteration
+        return next(self._iterator)
+
+
 # -- results --------------------------------------------------------------------
 
 
@@ -215,9 +235,10 @@ class IMapIterator(Iterator[T]):
     iteration may continue past it, as with the standard library.
     """
 
-    def __init__(self, pool: Pool, run: Iterator[Any]) -> None:
+    def __init__(self, pool: Pool, run: Iterator[Any], source: _Stoppable) -> None:
         self._pool = pool
         self._run = run
+        self._source = source
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._finished = False
         self._done = threading.Event()
@@ -240,9 +261,8 @@ class IMapIterator(Iterator[T]):
             self._pool._untrack(self)
 
     def abort(self) -> None:
-        abort = getattr(self._run, "abort", None)
-        if abort is not None:
-            abort(kill=True)
+        """Read no more input (the pool's terminate() then fails what is in flight)."""
+        self._source.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -522,12 +542,13 @@ class Pool:
     ) -> IMapIterator[T]:
         self._check_running()
         _check_chunksize(chunksize, allow_zero=False)
+        source = _Stoppable(iterable)
         run = self._executor.map(
-            _Tagged(func), iterable, chunksize=chunksize, ordered=ordered, on_error="return"
+            _Tagged(func), source, chunksize=chunksize, ordered=ordered, on_error="return"
         )
         with self._lock:
             self._check_running()
-            return IMapIterator(self, run)
+            return IMapIterator(self, run, source)
 
     # -- lifecycle --------------------------------------------------------------
 
