@@ -148,7 +148,8 @@ def test_starmap(backend_name: str) -> None:
 
 
 def test_initializer_runs_in_every_worker(backend_name: str) -> None:
-    with procession.Pool(2, initializer=remember, initargs=("ready",), backend=backend_name) as pool:
+    options = {"initializer": remember, "initargs": ("ready",), "backend": backend_name}
+    with procession.Pool(2, **options) as pool:
         for seen in pool.map(initialized, range(8), chunksize=1):
             assert "ready" in seen
 
@@ -186,9 +187,7 @@ def test_map_async_callback_gets_the_whole_list() -> None:
 def test_map_async_error_callback_gets_the_exception() -> None:
     errors: list[BaseException] = []
     with procession.Pool(2, backend="threads") as pool:
-        result = pool.map_async(
-            fail_on_three, range(8), chunksize=2, error_callback=errors.append
-        )
+        result = pool.map_async(fail_on_three, range(8), chunksize=2, error_callback=errors.append)
         with pytest.raises(KeyError):
             result.get(timeout=30)
         pool.close()
