@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import joblib
@@ -23,9 +22,8 @@ from procession.joblib import ProcessionBackend
 
 
 @pytest.fixture(autouse=True, scope="module")
-def registered() -> Iterator[None]:
+def registered() -> None:
     procession.joblib.register()
-    yield
 
 
 # -- functions the workers run --------------------------------------------------------
@@ -101,7 +99,7 @@ def test_import_procession_joblib_and_attribute_access() -> None:
 
 def test_use_must_name_a_procession_backend() -> None:
     with (
-        pytest.raises(ValueError, match="no-such-backend.*choose one of"),
+        pytest.raises(ValueError, match=r"no-such-backend.*choose one of"),
         joblib.parallel_config(backend="procession", use="no-such-backend"),
     ):
         pass

@@ -95,29 +95,27 @@ def register(name: str = "procession", *, make_default: bool = False) -> None:
         _registered.add(name)
 
 
-def _factory(name: str) -> Callable[..., ProcessionBackend]:
-    def make(**kwargs: Any) -> ProcessionBackend:
-        return ProcessionBackend(registered_as=name, **kwargs)
-
-    make.__name__ = make.__qualname__ = "ProcessionBackend"
-    return make
+def _factory(name: str) -> type[ProcessionBackend]:
+    # joblib compares type(backend) with the registered factory, so register a class.
+    if name == ProcessionBackend.registered_as:
+        return ProcessionBackend
+    return type("ProcessionBackend", (ProcessionBackend,), {"registered_as": name})
 
 
 # -- what runs in the worker ------------------------------------------------------
 
 # Per worker process: the thread limit applied last and how many modules were
 # loaded then (a newly imported BLAS must be capped too).
-_applied_limit: tuple[int, int] | None = None
+_applied_limit: tuple[tuple[tuple[str, str], ...], int] | None = None
 _limit_lock = threading.Lock()
 
 
 def _limit_threads(env: dict[str, str]) -> None:
     """Cap native thread pools in this worker, as loky's worker environment does."""
     global _applied_limit
-    limit = int(env["OMP_NUM_THREADS"])
+    wanted = tuple(sorted(env.items()))
     with _limit_lock:
-        state = (limit, len(sys.modules))
-        if _applied_limit == state:
+        if _applied_limit == (wanted, len(sys.modules)):
             return
         # Read when a library loads (OpenBLAS, MKL, OpenMP): set before any does.
         os.environ.update(env)
@@ -126,8 +124,10 @@ def _limit_threads(env: dict[str, str]) -> None:
         except ImportError:  # only the environment then; libraries already loaded keep theirs
             pass
         else:
-            threadpool_limits(limits=limit)
-        _applied_limit = (limit, len(sys.modules))
+            # Libraries loaded already: the same caps, per kind of thread pool.
+            blas = env.get("OPENBLAS_NUM_THREADS") or env.get("MKL_NUM_THREADS") or "1"
+            threadpool_limits(limits={"blas": int(blas), "openmp": int(env["OMP_NUM_THREADS"])})
+        _applied_limit = (wanted, len(sys.modules))
 
 
 class _RunBatch:
@@ -226,6 +226,8 @@ class ProcessionBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
 
     supports_retrieve_callback = True
     supports_inner_max_num_threads = True
+    #: The name joblib knows this backend by (re-registered under it in workers).
+    registered_as = "procession"
 
     def __init__(
         self,
@@ -234,7 +236,7 @@ class ProcessionBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         *,
         use: str | Backend | None = None,
         serializer: str | None = None,
-        registered_as: str = "procession",
+        registered_as: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
@@ -266,7 +268,8 @@ class ProcessionBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore
         self.use: str | Backend = use
         self.serializer = serializer or "cloudpickle"
         self.options = options
-        self.registered_as = registered_as
+        if registered_as is not None:
+            self.registered_as = registered_as
         # An in-process backend (threads) shares memory with the caller.
         self.uses_threads = not isolated
         self.supports_sharedmem = not isolated
