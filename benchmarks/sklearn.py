@@ -28,7 +28,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+# This script is named after the package it measures; run as a script, its own
+# directory comes first on sys.path and would shadow scikit-learn.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
 
 import joblib
 from sklearn.datasets import make_classification
