@@ -33,10 +33,12 @@ _EXPORTS: dict[str, str] = {
     "Serializer": "procession.serialization.serializers",
     "register_serializer": "procession.serialization.serializers",
     "register_adapter": "procession.serialization.adapters",
+    "unregister_adapter": "procession.serialization.adapters",
     "check_picklable": "procession.serialization.diagnostics",
     "ProcessionError": "procession.errors",
     "SerializationError": "procession.errors",
     "WorkerCrashedError": "procession.errors",
+    "WorkerMemoryError": "procession.errors",
     "TaskTimeoutError": "procession.errors",
     "BackendUnavailableError": "procession.errors",
     "PipelineError": "procession.errors",
@@ -63,6 +65,7 @@ __all__ = [
     "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "__version__",
     "available_backends",
     "check_picklable",
@@ -72,6 +75,7 @@ __all__ = [
     "register_backend",
     "register_serializer",
     "serializers",
+    "unregister_adapter",
 ]
 
 if TYPE_CHECKING:
@@ -91,10 +95,11 @@ if TYPE_CHECKING:
         SerializationError,
         TaskTimeoutError,
         WorkerCrashedError,
+        WorkerMemoryError,
     )
     from procession.pipeline import Pipeline
     from procession.pool import Pool
-    from procession.serialization.adapters import register_adapter
+    from procession.serialization.adapters import register_adapter, unregister_adapter
     from procession.serialization.diagnostics import check_picklable
     from procession.serialization.recipes import Recipe
     from procession.serialization.serializers import Serializer, register_serializer

@@ -1,19 +1,25 @@
 """The scheduler: chunking, the in-flight window, ordering, retries, timeouts.
 
-It lives in the parent process and is written once for every backend.
+It lives in the parent process and is written once for every backend.  The
+options arrive validated (:mod:`procession.options`); the envelopes are made
+and read by :mod:`procession.protocol`; a backend only moves their bytes.
 
-    iterable ──► chunker ──► encode (serializer) ──► Backend.submit(task bytes)
-       ▲  lazy: read only while             │                 │
-       │  the window has room               │        TaskFuture[result bytes]
-       │                                    ▼                 ▼
-    consumer ◄── emit (ordered: by input position; ◄── decode, retry lost
-                 unordered: as chunks complete)        chunks, enforce timeout=
+    iterable ──► read a chunk ──► protocol.encode_task ──► Backend.submit(task bytes)
+       ▲  full, or what came in               │                   │
+       │  LINGER_SECONDS (slow sources)       │          TaskFuture[result bytes]
+       │  only while the window has room      ▼                   ▼
+    consumer ◄── emit (ordered: by input  ◄── protocol.decode_result; crashed chunks
+                 position; unordered: as      go back item by item for retries=
+                 chunks complete)             (always sent, window or not); kill
+                                              tasks over timeout=
 
 The window bounds chunks that are submitted or finished-but-not-yet-emitted,
 so memory stays flat for an input of any length, and a slow consumer throttles
 reading.  ``chunksize="auto"`` grows chunks until each takes about
 ``TARGET_CHUNK_SECONDS`` of worker time, and never makes them so large that
-the tail of a known-length input starves workers.
+the tail of a known-length input starves workers.  An input given as a
+:class:`TimedSource` (a Pipeline stage's channel) is never waited on while
+results are due; :meth:`MapRun.abort` stops a run from any thread.
 """
 
 from __future__ import annotations
@@ -21,31 +27,36 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import pickle
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from procession import worker
-from procession.backends.base import Backend, TaskFuture
+from procession import protocol
+from procession.backends.base import Backend, TaskFuture, settle_future
 from procession.errors import (
-    RemoteError,
-    RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from procession.options import MapOptions
+from procession.protocol import encode_function
+from procession.serialization.adapters import track_stateful_values
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
-__all__ = ["MapRun", "decode_failure", "settle_future", "submit_call", "validate_map_options"]
+__all__ = [
+    "IDLE",
+    "MapRun",
+    "TimedSource",
+    "settle_future",
+    "submit_call",
+]
 
-OnError = Literal["raise", "return"]
-ON_ERROR_CHOICES = ("raise", "return")
 TARGET_CHUNK_SECONDS = 0.02
 # How much a chunk may grow from one measurement to the next: one odd first
 # item must not produce a huge chunk.
@@ -54,44 +65,48 @@ MAX_GROWTH = 16
 MAX_AUTO_CHUNK = 50_000
 # Without a known length, an unstarted task's deadline cannot be computed; poll.
 POLL_SECONDS = 0.05
+# A chunk is sent when it is full or when reading it has taken this long, so a
+# slow source's first result arrives after about one item period, not one chunk.
+LINGER_SECONDS = 0.02
+
+#: What :meth:`TimedSource.read` returns when no item came within its timeout.
+IDLE: Any = type("Idle", (), {"__repr__": lambda self: "IDLE"})()
 
 
-def validate_map_options(
-    *,
-    chunksize: int | str,
-    ordered: bool,
-    timeout: float | None,
-    retries: int,
-    on_error: str,
-    backend: Backend,
-) -> None:
-    """Reject bad options at call time, naming the bad value and the valid ones."""
-    if chunksize != "auto":
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
-        if chunksize <= 0:
-            raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize}")
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {ordered!r}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if not backend.capabilities.kill:
-            raise ValueError(
-                f"backend {backend.name!r} cannot stop a running task, so it cannot honour "
-                f"timeout={timeout}; use a process backend (backend='process') or drop timeout="
-            )
-        if chunksize not in ("auto", 1):
-            raise ValueError(
-                f"timeout= is per item, so items are sent one at a time; "
-                f"use chunksize='auto' or 1 with it, not {chunksize}"
-            )
+class TimedSource(ABC):
+    """An input the scheduler can wait on with a time limit (a queue, a channel).
+
+    Give one to :class:`MapRun` instead of a plain iterable when the input may
+    pause for long: the scheduler then keeps delivering finished results while
+    it waits for more input, instead of blocking inside ``next()``.
+
+    Example::
+
+        class QueueSource(TimedSource):
+            def __init__(self, q): self.q = q
+            def read(self, timeout):
+                try:
+                    item = self.q.get(timeout=timeout)
+                except queue.Empty:
+                    return IDLE
+                if item is None:
+                    raise StopIteration
+                return item
+    """
+
+    @abstractmethod
+    def read(self, timeout: float | None) -> Any:
+        """The next item; ``IDLE`` if none came within ``timeout`` seconds (None: wait
+        as long as it takes); raise StopIteration at the end."""
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.read(None)
+            except StopIteration:
+                return
+            if item is not IDLE:
+                yield item
 
 
 @dataclass
@@ -165,72 +180,6 @@ class AutoChunker:
                     _learned_per_item.popitem(last=False)
 
 
-def decode_failure(
-    serializer: Serializer,
-    exc_bytes: bytes | None,
-    type_name: str,
-    message: str,
-    traceback_text: str,
-) -> BaseException:
-    """Rebuild a worker's exception, with its traceback text as ``__cause__``."""
-    exc: BaseException | None = None
-    if exc_bytes is not None:
-        try:
-            loaded = serializer.loads(exc_bytes)
-        except Exception:
-            loaded = None
-        if isinstance(loaded, BaseException):
-            exc = loaded
-    if exc is None:
-        exc = RemoteError(type_name, message, traceback_text)
-    exc.__cause__ = RemoteTraceback(traceback_text)
-    return exc
-
-
-def encode_task(
-    serializer: Serializer,
-    fn_digest: bytes,
-    fn_bytes: bytes,
-    items_bytes: bytes,
-    *,
-    star: bool,
-    stop_on_error: bool,
-) -> bytes:
-    return pickle.dumps(
-        (worker.VERSION, serializer.name, fn_digest, fn_bytes, items_bytes, star, stop_on_error),
-        5,
-    )
-
-
-def encode_function(fn: Callable[..., Any], serializer: Serializer) -> tuple[bytes, bytes]:
-    """Serialize the function once per call; raise SerializationError naming it."""
-    if not callable(fn):
-        raise TypeError(f"the function to map must be callable, got {type(fn).__name__}")
-    try:
-        fn_bytes = serializer.dumps(fn)
-    except Exception as exc:
-        raise diagnose(fn, serializer, root="fn", exc=exc) from exc
-    return worker.digest(fn_bytes), fn_bytes
-
-
-def _worker_load_error(exc: BaseException, serializer: Serializer) -> BaseException:
-    """The worker could not decode the task: a serialization problem, reported here."""
-    cause = exc.__cause__
-    hint = (
-        " (a function pickled by reference must be importable in the worker: define it in a "
-        "module, or use serializer='cloudpickle')"
-        if not serializer.sends_code_by_value
-        else ""
-    )
-    error = SerializationError(
-        f"the worker could not load the task sent with serializer {serializer.name!r}: "
-        f"{type(exc).__name__}: {exc}{hint}",
-        serializer=serializer.name,
-    )
-    error.__cause__ = cause
-    return error
-
-
 class MapRun:
     """One ``map`` call: a lazy iterator of results over ``backend``."""
 
@@ -242,28 +191,25 @@ class MapRun:
         *,
         serializer: Serializer,
         star: bool = False,
-        chunksize: int | str = "auto",
-        ordered: bool = True,
-        timeout: float | None = None,
-        retries: int = 0,
-        on_error: OnError = "raise",
-        progress: bool = False,
+        options: MapOptions | None = None,
         on_abort: Callable[[], None] | None = None,
+        **option_values: Any,
     ) -> None:
-        validate_map_options(
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            retries=retries,
-            on_error=on_error,
-            backend=backend,
-        )
+        if options is None:
+            options = MapOptions(**option_values)
+        elif option_values:
+            raise TypeError("pass either options= or option keywords to MapRun, not both")
+        options.check_backend(backend)
+        self.options = options
+        self._timed: TimedSource | None = iterable if isinstance(iterable, TimedSource) else None
         try:
             self._source: Iterator[Any] = iter(iterable)
         except TypeError:
             raise TypeError(
                 f"map() needs an iterable of inputs, got {type(iterable).__name__}"
             ) from None
+        self._source_idle = False
+        self._source_slow = False  # the last read stopped at the linger time
         self._length: int | None
         try:
             self._length = len(iterable)  # type: ignore[arg-type]
@@ -271,16 +217,18 @@ class MapRun:
             self._length = None
         self._backend = backend
         self._serializer = serializer
-        self._fn_digest, self._fn_bytes = encode_function(fn, serializer)
+        self._fn = encode_function(fn, serializer)
+        self._run_id = protocol.new_run_id()
         self._star = star
-        fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
-        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn_digest)
-        self._ordered = ordered
-        self._timeout = timeout
-        self._retries = retries
-        self._stop_on_error = on_error == "raise"
+        self._chunker = AutoChunker(
+            options.fixed_chunksize, backend.workers, self._length, self._fn.digest
+        )
+        self._ordered = options.ordered
+        self._timeout = options.timeout
+        self._retries = options.retries
+        self._stop_on_error = options.on_error == "raise"
         self._window = max(2 * backend.workers, 2)
-        self._progress = progress
+        self._progress = options.progress
         self._on_abort = on_abort
         self._consumed = 0
         self._exhausted = False
@@ -289,7 +237,7 @@ class MapRun:
         self._aborted = False
         # The loop yields whole chunks of results; chain.from_iterable flattens
         # them in C, so the per-item cost of iterating is that of a list.
-        self._batches: Generator[list[Any], None, None] = self._run()
+        self._batches: Generator[Iterator[Any], None, None] = self._run()
         self._flat: Iterator[Any] = itertools.chain.from_iterable(self._batches)
 
     def __iter__(self) -> Iterator[Any]:
@@ -330,16 +278,31 @@ class MapRun:
 
     # -- reading and sending ------------------------------------------------
 
-    def _read_chunk(self) -> Chunk | None:
+    def _read_chunk(self, *, may_block: bool) -> Chunk | None:
+        """Read the next chunk: full, or what arrived within ``LINGER_SECONDS``.
+
+        A sized input (list, range) cannot stall, so it is sliced at C speed.  An
+        iterator is read in growing slices until the chunk is full or reading it
+        has taken ``LINGER_SECONDS``: a slow source sends small chunks at once
+        instead of filling one sized for a fast function.  A :class:`TimedSource`
+        is never waited on while results are due (``may_block=False``).
+        """
         size = self._chunker.next_size(self._consumed)
         items: list[Any] = []
+        self._source_idle = self._source_slow = False
         try:
             # extend() keeps the items read before the source raised.
-            items.extend(itertools.islice(self._source, size))
+            if self._timed is not None:
+                ended = self._read_timed(items, size, may_block)
+            elif self._length is not None:
+                items.extend(itertools.islice(self._source, size))
+                ended = len(items) < size
+            else:
+                ended = self._read_lingering(items, size)
         except Exception as exc:
-            self._exhausted = True
+            ended = True
             self._input_error = exc
-        if len(items) < size:
+        if ended:
             self._exhausted = True
         if not items:
             return None
@@ -347,9 +310,59 @@ class MapRun:
         self._consumed += len(items)
         return chunk
 
+    def _read_lingering(self, items: list[Any], size: int) -> bool:
+        """Read up to ``size`` items, stopping early once reading took the linger time.
+
+        Returns whether the source ended.
+        """
+        started = time.monotonic()
+        step = 1
+        while len(items) < size:
+            want = min(step, size - len(items))
+            before = len(items)
+            items.extend(itertools.islice(self._source, want))
+            if len(items) - before < want:
+                return True
+            elapsed = time.monotonic() - started
+            if elapsed >= LINGER_SECONDS:
+                self._source_slow = True
+                return False
+            # Grow the slice, but not past what the source delivers in the time left.
+            affordable = len(items) / max(elapsed, 1e-9) * (LINGER_SECONDS - elapsed)
+            step = max(1, min(2 * step, int(affordable)))
+        return False
+
+    def _read_timed(self, items: list[Any], size: int, may_block: bool) -> bool:
+        assert self._timed is not None
+        deadline: float | None = None
+        while len(items) < size:
+            if deadline is None:
+                timeout = None if may_block else 0.0
+            else:
+                timeout = max(deadline - time.monotonic(), 0.0)
+            try:
+                item = self._timed.read(timeout)
+            except StopIteration:
+                return True
+            if item is IDLE:
+                self._source_idle = not items
+                return False
+            items.append(item)
+            if deadline is None:
+                deadline = time.monotonic() + LINGER_SECONDS
+        return False
+
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
-            items_bytes = self._serializer.dumps(chunk.items)
+            with track_stateful_values() as seen:
+                items_bytes = self._serializer.dumps(chunk.items)
+            if seen.count and len(chunk.items) > 1:
+                # Pickle sends a repeated object once: the same generator given as
+                # two items would reach the second one used up.  Values with state
+                # travel one item per task, each rebuilt as it is in the parent.
+                for offset, item in enumerate(chunk.items):
+                    self._send(Chunk(chunk.start + offset, [item], chunk.attempts), ready)
+                return
         except Exception as exc:
             if len(chunk.items) > 1:
                 # Find the culprit: send the others, fail only it.
@@ -363,10 +376,10 @@ class MapRun:
             error.__cause__ = exc
             ready[chunk.start] = Outcome(chunk, [None], {0: error})
             return
-        task = encode_task(
+        task = protocol.encode_task(
             self._serializer,
-            self._fn_digest,
-            self._fn_bytes,
+            self._run_id,
+            self._fn,
             items_bytes,
             star=self._star,
             stop_on_error=self._stop_on_error,
@@ -412,24 +425,19 @@ class MapRun:
                 error = _crash_for(chunk, error, self._retries)
             return self._all_failed(chunk, error)
 
-        _version, values_bytes, failures, seconds = pickle.loads(data)
-        if values_bytes is None:
-            # The worker could not even decode the task.
-            _, exc_bytes, type_name, message, tb_text = failures[0]
-            load_error = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
-            return self._all_failed(chunk, _worker_load_error(load_error, self._serializer))
-        values = self._serializer.loads(values_bytes)
-        self._chunker.record(len(values), seconds)
-        errors = {
-            position: decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
-            for position, exc_bytes, type_name, message, tb_text in failures
-        }
-        for position, failure in errors.items():
+        result = protocol.decode_result(data, self._serializer, what=f"items {_span(chunk)}")
+        if result.task_error is not None:
+            error = result.task_error
+            if isinstance(error, SerializationError) and error.index is None:
+                error.index = chunk.start
+            return self._all_failed(chunk, error)
+        self._chunker.record(len(result.values), result.seconds)
+        for position, failure in result.errors.items():
             if isinstance(failure, SerializationError) and failure.index is None:
                 # The worker knew the position only within its chunk.
                 failure.index = chunk.start + position
                 failure.args = (f"{failure} (input item {failure.index})", *failure.args[1:])
-        return Outcome(chunk, values, errors)
+        return Outcome(chunk, result.values, result.errors)
 
     @staticmethod
     def _all_failed(chunk: Chunk, error: BaseException) -> Outcome:
@@ -437,22 +445,23 @@ class MapRun:
             chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error)
         )
 
-    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[list[Any]]:
-        """Yield the chunk's results as one list; raise at the first failure if asked."""
+    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[Iterator[Any]]:
+        """Yield the chunk's results as one iterator; raise at the first failure if asked."""
         values, errors = outcome.values, outcome.errors
         if errors:
             first = min(errors)
             if self._stop_on_error:
                 # The worker stopped at its first failure: nothing past it exists.
                 if first:
-                    yield values[:first]
+                    yield _draining(values[:first])
                 if bar is not None:
                     bar.update(first)
                 raise errors[first]
             values = [errors.get(i, value) for i, value in enumerate(values)]
-        yield values
+        count = len(values)
+        yield _draining(values)
         if bar is not None:
-            bar.update(len(values))
+            bar.update(count)
 
     # -- the loop -----------------------------------------------------------
 
@@ -481,7 +490,7 @@ class MapRun:
                 chunk.timed_out = True
                 self._backend.kill_task(future)
 
-    def _run(self) -> Generator[list[Any], None, None]:
+    def _run(self) -> Generator[Iterator[Any], None, None]:
         bar = _progress_bar(self._length) if self._progress else None
         try:
             yield from self._loop(bar)
@@ -496,22 +505,25 @@ class MapRun:
             if bar is not None:
                 bar.close()
 
-    def _loop(self, bar: Any) -> Iterator[list[Any]]:
+    def _loop(self, bar: Any) -> Iterator[Iterator[Any]]:
         self._backend.start()
         ready: dict[int, Outcome] = {}
         retry: deque[Chunk] = deque()
         next_index = 0
         while not self._aborted:
+            # Items waiting for a retry always go out, window or not: in ordered mode
+            # the window may be full of later results that wait for exactly them.
+            while retry:
+                self._send(retry.popleft(), ready)
             while len(self._pending) + len(ready) < self._window:
-                if retry:
-                    self._send(retry.popleft(), ready)
-                    continue
                 if self._exhausted:
                     break
-                chunk = self._read_chunk()
+                chunk = self._read_chunk(may_block=not self._pending and not ready)
                 if chunk is None:
                     break
                 self._send(chunk, ready)
+                if self._source_idle or self._source_slow:
+                    break  # deliver what finished before waiting on the source again
 
             if self._ordered:
                 while next_index in ready:
@@ -529,9 +541,13 @@ class MapRun:
                 if self._input_error is not None:
                     raise self._input_error
                 return
-            done, _ = wait(
-                list(self._pending), timeout=self._wait_seconds(), return_when=FIRST_COMPLETED
-            )
+            timeout = self._wait_seconds()
+            if self._source_idle and not self._exhausted:
+                # The source may deliver meanwhile: look again soon.
+                timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+            elif self._source_slow and not self._exhausted:
+                timeout = 0.0  # reading the slow source is what paces the loop
+            done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
             for future in done:
@@ -543,6 +559,17 @@ class MapRun:
             self._enforce_timeouts()
 
 
+def _draining(values: list[Any]) -> Iterator[Any]:
+    """Iterate ``values`` in order, letting go of each one as it is yielded.
+
+    The consumer may hold large results: once it has moved on, nothing here
+    keeps them alive.  (C-level map over list.pop, so it costs what a list
+    iterator costs.)
+    """
+    values.reverse()
+    return map(values.pop, itertools.repeat(-1, len(values)))
+
+
 def _span(chunk: Chunk) -> str:
     last = chunk.start + len(chunk.items) - 1
     return str(chunk.start) if last == chunk.start else f"{chunk.start}..{last}"
@@ -551,13 +578,10 @@ def _span(chunk: Chunk) -> str:
 def _crash_for(chunk: Chunk, error: WorkerCrashedError, retries: int) -> WorkerCrashedError:
     tried = f" after {chunk.attempts + 1} attempts" if chunk.attempts else ""
     advice = "" if retries else "; pass retries=N to re-run items lost to a crash"
-    crash = WorkerCrashedError(
-        f"{error}; lost input items {_span(chunk)}{tried}{advice}",
-        exitcode=error.exitcode,
-        items=chunk.indices(),
+    # with_context keeps the error's class (WorkerMemoryError) and details.
+    return error.with_context(
+        f"{error}; lost input items {_span(chunk)}{tried}{advice}", items=chunk.indices()
     )
-    crash.__cause__ = error.__cause__
-    return crash
 
 
 def _progress_bar(total: int | None) -> Any:
@@ -573,14 +597,30 @@ def submit_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Future[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future."""
-    fn_digest, fn_bytes = encode_function(fn, serializer)
-    try:
-        items_bytes = serializer.dumps([(args, kwargs)])
-    except Exception as exc:
-        raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
-    task = encode_task(serializer, fn_digest, fn_bytes, items_bytes, star=True, stop_on_error=True)
+    """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future.
+
+    A function that is not callable raises TypeError here; everything that goes
+    wrong with this one call after that (arguments or function that do not
+    serialize, a crash, a result that cannot be rebuilt) fails the future.
+    """
+    if not callable(fn):
+        raise TypeError(f"the function to submit must be callable, got {type(fn).__name__}")
     user_future: Future[Any] = Future()
+    try:
+        encoded = encode_function(fn, serializer, role="submit")
+        try:
+            items_bytes = serializer.dumps([(args, kwargs)])
+        except Exception as exc:
+            raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
+    except SerializationError as error:
+        # As ProcessPoolExecutor does: the error belongs to this call's future.
+        user_future.set_running_or_notify_cancel()
+        user_future.set_exception(error)
+        return user_future
+    task = protocol.encode_task(
+        serializer, protocol.new_run_id(), encoded, items_bytes, star=True, stop_on_error=True
+    )
+    del args, kwargs  # a finished future keeps no reference to its arguments
     backend.start()
     task_future = backend.submit(task)
 
@@ -590,27 +630,33 @@ def submit_call(
         try:
             data = done.result()
         except CancelledError:
-            user_future.cancel()
+            if user_future.cancel():
+                with contextlib.suppress(RuntimeError):
+                    user_future.set_running_or_notify_cancel()
+            else:
+                settle_future(
+                    user_future,
+                    exc=WorkerCrashedError(f"backend {backend.name!r} cancelled this running task"),
+                )
             return
         except BaseException as transport_error:
             settle_future(user_future, exc=transport_error)
             return
-        _version, values_bytes, failures, _seconds = pickle.loads(data)
-        if failures:
-            position, exc_bytes, type_name, message, tb_text = failures[0]
-            failure = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
-            if position < 0:
-                failure = _worker_load_error(failure, serializer)
-            settle_future(user_future, exc=failure)
+        result = protocol.decode_result(data, serializer, what="the submitted call")
+        if result.task_error is not None:
+            settle_future(user_future, exc=result.task_error)
+        elif result.errors:
+            settle_future(user_future, exc=result.errors[min(result.errors)])
         else:
-            settle_future(user_future, value=serializer.loads(values_bytes)[0])
+            settle_future(user_future, value=result.values[0])
 
     def forward_cancel(done: Future[Any]) -> None:
         if done.cancelled():
             task_future.cancel()
             # concurrent.futures.wait() counts a cancelled future as done only once
             # its executor acknowledges the cancellation.
-            done.set_running_or_notify_cancel()
+            with contextlib.suppress(RuntimeError):
+                done.set_running_or_notify_cancel()
 
     def mark_running(_: TaskFuture) -> None:
         # As in concurrent.futures: a started task can no longer be cancelled.
@@ -621,23 +667,3 @@ def submit_call(
     task_future.add_start_callback(mark_running)
     task_future.add_done_callback(relay)
     return user_future
-
-
-def settle_future(
-    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
-) -> None:
-    """Finish a user's future unless it is done or cancelled already (first answer wins)."""
-    if future.done():
-        return
-    try:
-        if not future.running() and not future.set_running_or_notify_cancel():
-            return  # cancelled by the caller
-    except RuntimeError:
-        pass  # marked running concurrently by the task's start
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
-        pass
