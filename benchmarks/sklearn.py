@@ -14,8 +14,12 @@ The same fits, side by side in one run, each backend named explicitly through
 
 Both backends are warmed up first (pools started, scikit-learn imported in the
 workers: loky keeps its reusable executor, procession its shared pool), then
-each case is timed in alternation, procession and loky, best of ``--repeat``.
-The results are checked to be identical (scores, best parameters, predicted
+each case is timed in alternation (procession first in even rounds, loky
+first in odd ones), best of ``--repeat``.
+CPU seconds (parent plus workers, least over the rounds) are reported beside
+the wall time: on a shared machine they say how much work each backend did
+when the wall time mostly says what else was running.  The results are
+checked to be identical (scores, best parameters, predicted
 probabilities) before anything is printed.
 """
 
@@ -37,6 +41,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     del sys.path[0]
 
 import joblib
+import psutil
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -74,11 +79,28 @@ def cases(quick: bool, workers: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def run(backend: str, workers: int, fn: Callable[[], Any]) -> tuple[Any, float]:
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process and by its children (the workers)."""
+    children = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        children += times.user + times.system
+    own = os.times()
+    return own.user + own.system, children
+
+
+def run(backend: str, workers: int, fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
+    """The result, wall seconds, parent CPU seconds and worker CPU seconds of one run."""
     with joblib.parallel_config(n_jobs=workers, **BACKENDS[backend]):  # type: ignore[arg-type]
+        parent_before, workers_before = cpu_seconds()
         started = time.perf_counter()
         result = fn()
-        return result, time.perf_counter() - started
+        wall = time.perf_counter() - started
+        parent_after, workers_after = cpu_seconds()
+        return result, wall, parent_after - parent_before, workers_after - workers_before
 
 
 def main() -> None:
@@ -99,11 +121,16 @@ def main() -> None:
     rows = []
     for name, fn in workloads.items():
         best = {backend: float("inf") for backend in BACKENDS}
+        cpu = {backend: (float("inf"), float("inf")) for backend in BACKENDS}
         results: dict[str, Any] = {}
-        for _ in range(args.repeat):
-            for backend in BACKENDS:  # alternate, so both see the same machine
-                results[backend], seconds = run(backend, args.workers, fn)
+        for round_ in range(args.repeat):
+            # Alternate, so both see the same machine; swap who goes first each
+            # round, so neither always runs right after the other's work.
+            order = list(BACKENDS) if round_ % 2 == 0 else list(reversed(BACKENDS))
+            for backend in order:
+                results[backend], seconds, parent_cpu, worker_cpu = run(backend, args.workers, fn)
                 best[backend] = min(best[backend], seconds)
+                cpu[backend] = min(cpu[backend], (parent_cpu + worker_cpu, parent_cpu))
         if results["procession"] != results["loky"]:
             sys.exit(f"{name}: procession and loky gave different results")
         rows.append(
@@ -112,6 +139,10 @@ def main() -> None:
                 "procession_s": best["procession"],
                 "loky_s": best["loky"],
                 "ratio": best["procession"] / best["loky"],
+                "procession_cpu_s": cpu["procession"][0],
+                "loky_cpu_s": cpu["loky"][0],
+                "procession_parent_cpu_s": cpu["procession"][1],
+                "loky_parent_cpu_s": cpu["loky"][1],
                 "identical": True,
             }
         )
@@ -121,12 +152,17 @@ def main() -> None:
         f"python={platform.python_version()} joblib={joblib.__version__} "
         f"load={os.getloadavg()[0]:.1f}"
     )
-    print(f"| {'case':<42} | procession (s) | loky (s) | procession / loky | identical |")
-    print(f"|{'-' * 44}|---------------:|---------:|------------------:|:---------:|")
+    print(
+        f"| {'case':<42} | procession (s) | loky (s) | procession / loky "
+        f"| CPU s procession | CPU s loky | identical |"
+    )
+    print(f"|{'-' * 44}|---------------:|---------:|------------------:|---:|---:|:---------:|")
     for row in rows:
         print(
             f"| {row['case']:<42} | {row['procession_s']:14.3f} | {row['loky_s']:8.3f} "
-            f"| {row['ratio']:17.2f} | {'yes' if row['identical'] else 'no':^9} |"
+            f"| {row['ratio']:17.2f} | {row['procession_cpu_s']:.2f} "
+            f"({row['procession_parent_cpu_s']:.2f} parent) | {row['loky_cpu_s']:.2f} "
+            f"({row['loky_parent_cpu_s']:.2f} parent) | {'yes' if row['identical'] else 'no':^9} |"
         )
     if args.json:
         with open(args.json, "w") as out:
