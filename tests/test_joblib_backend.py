@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -90,11 +92,12 @@ def test_register_is_idempotent_and_checks_the_name() -> None:
         procession.joblib.register("")
 
 
-def test_import_procession_joblib_and_attribute_access() -> None:
-    assert procession.joblib.register is procession.joblib.register
-    import procession as reimported
-
-    assert reimported.joblib is procession.joblib
+def test_procession_joblib_is_reachable_after_a_plain_import() -> None:
+    # A fresh interpreter: `import procession` alone, then the attribute.
+    code = "import procession; print(procession.joblib.register.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "procession.joblib"
 
 
 def test_use_must_name_a_procession_backend() -> None:
