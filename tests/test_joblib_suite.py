@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from procession.joblib import THREAD_LIMIT_VARS
+
 TESTS = Path(__file__).resolve().parent
 
 SUBSET = "not loky and not multiprocessing and not threading and not sequential " + (
@@ -44,7 +46,11 @@ EXPECTED_FAILURES = {
 @pytest.mark.timeout(900)
 def test_joblib_test_parallel_with_procession_as_default(tmp_path: Path) -> None:
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
+    # joblib's thread-limit tests compare the workers' BLAS threads with the
+    # parent's, so the child starts without the caps an earlier test in this
+    # process may have left in os.environ (dask's nannies set OMP_NUM_THREADS=1...).
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_LIMIT_VARS}
+    env["PYTHONPATH"] = path
     done = subprocess.run(
         [
             sys.executable,
