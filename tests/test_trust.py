@@ -236,3 +236,42 @@ def test_keyboard_interrupt_from_task_code_is_the_tasks_exception(backend_name: 
     assert "raised by the task itself" in str(got[2].__cause__)
     # The pool survives it.
     assert list(procession.map(abs, [-5], backend=backend_name)) == [5]
+
+
+# -- Executor: terminate vs kill, and backends it does not own -----------------------
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.timeout(60)
+def test_executor_never_stops_a_backend_instance_it_does_not_own(
+    crash_backend_name: str,
+) -> None:
+    backend = procession.create_backend(crash_backend_name, workers=2)
+    try:
+        ex = procession.Executor(backend=backend)
+        running = ex.submit(nap, 30)
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        ex.terminate_workers()
+        with pytest.raises(procession.WorkerCrashedError, match="only this executor's tasks"):
+            running.result(timeout=30)
+        # The instance is still the caller's, and still works.
+        assert list(procession.map(abs, [-2, -3], backend=backend)) == [2, 3]
+    finally:
+        backend.shutdown(wait=False, kill=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("method", "exitcode"), [("kill_workers", -9), ("terminate_workers", -15)])
+def test_kill_workers_sends_sigkill_terminate_sigterm(method: str, exitcode: int) -> None:
+    ex = procession.Executor(backend="process", workers=1)
+    ex.submit(abs, -1).result(timeout=30)
+    (worker,) = ex.backend._workers  # type: ignore[attr-defined]
+    getattr(ex, method)()
+    worker.process.join(5)
+    assert worker.process.exitcode == exitcode

@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "TaskTimeoutError": "procession.errors",
     "BackendUnavailableError": "procession.errors",
     "PipelineError": "procession.errors",
+    "NestedParallelismError": "procession.errors",
     "RemoteError": "procession.errors",
 }
 
@@ -55,6 +56,7 @@ __all__ = [
     "BackendUnavailableError",
     "Capabilities",
     "Executor",
+    "NestedParallelismError",
     "Pipeline",
     "PipelineError",
     "Pool",
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
     )
     from procession.errors import (
         BackendUnavailableError,
+        NestedParallelismError,
         PipelineError,
         ProcessionError,
         RemoteError,

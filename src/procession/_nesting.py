@@ -34,20 +34,12 @@ Example::
 from __future__ import annotations
 
 from procession import worker
-from procession.errors import ProcessionError
+from procession.errors import NestedParallelismError
 
 __all__ = ["NestedParallelismError", "nested_backend", "nesting_level"]
 
 #: What a nested call runs on when it names no backend.
 NESTED_DEFAULT = "serial"
-
-
-class NestedParallelismError(ProcessionError, RuntimeError):
-    """A task asked for a new process pool for nested work, which procession refuses.
-
-    Raised by ``procession.map``, ``Executor`` and ``Pipeline`` when they are
-    called inside a task with an explicit process backend.
-    """
 
 
 def nesting_level() -> int:

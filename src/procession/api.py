@@ -9,7 +9,6 @@ calls (one pool per name and worker count) and stopped at interpreter exit.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -18,7 +17,6 @@ from typing import Any, ParamSpec, TypeVar
 from procession import _nesting, pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
-from procession.errors import RemoteTraceback
 from procession.options import MapOptions, OnError, check_workers
 from procession.scheduler import MapRun, settle_future, submit_call
 from procession.serialization.serializers import Serializer, get_serializer
@@ -66,23 +64,6 @@ def shutdown_shared_backends(*, kill: bool = False) -> None:
     pools.shutdown_shared_pools(kill=kill)
 
 
-def _on_ctrl_c(stop: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a run's abort action so it fires for a real Ctrl-C only.
-
-    The scheduler calls it while a KeyboardInterrupt propagates.  One that a
-    task raised is that task's exception (it carries the worker's traceback as
-    ``__cause__``): the pool that reported it is healthy and stays warm.
-    """
-
-    def on_abort() -> None:
-        raised = sys.exc_info()[1]
-        if isinstance(raised, KeyboardInterrupt) and isinstance(raised.__cause__, RemoteTraceback):
-            return
-        stop()
-
-    return on_abort
-
-
 def map(
     fn: Callable[..., T],
     iterable: Iterable[Any],
@@ -124,9 +105,7 @@ def map(
         iterable,
         serializer=get_serializer(serializer, chosen.default_serializer),
         options=options,
-        on_abort=None
-        if isinstance(backend, Backend)
-        else _on_ctrl_c(lambda: pools.forget_shared_pool(chosen)),
+        on_abort=None if isinstance(backend, Backend) else lambda: pools.forget_shared_pool(chosen),
     )
     return run
 
@@ -305,7 +284,7 @@ class Executor(futures.Executor):
             serializer=self._serializer if serializer is None else get_serializer(serializer),
             star=star,
             options=options,
-            on_abort=_on_ctrl_c(self.kill_workers),
+            on_abort=self.kill_workers,
         )
         return run
 
@@ -323,28 +302,43 @@ class Executor(futures.Executor):
             self._backend.shutdown(wait=wait)
 
     def terminate_workers(self) -> None:
-        """Stop every worker now (even one running a hung task); pending futures fail."""
-        self._stop_now()
+        """Stop every worker now (even one running a hung task); pending futures fail.
+
+        Workers get a short grace period (SIGTERM, then SIGKILL on process
+        backends).  On a backend instance the executor was given rather than
+        made, only this executor's own tasks are stopped: the instance and its
+        workers belong to the caller and stay up.
+        """
+        self._stop_now(kill=False)
 
     def kill_workers(self) -> None:
-        """Like :meth:`terminate_workers`, with no grace period."""
-        self._stop_now()
+        """Like :meth:`terminate_workers`, with no grace period (SIGKILL at once)."""
+        self._stop_now(kill=True)
 
-    def _stop_now(self) -> None:
+    def _stop_now(self, *, kill: bool) -> None:
         from procession.errors import WorkerCrashedError
 
         with self._lock:
             self._shutdown = True
             pending = list(self._pending)
-        self._backend.shutdown(wait=False, kill=True)
-        for future in pending:
-            settle_future(
-                future,
-                exc=WorkerCrashedError(
-                    "the executor's workers were terminated "
-                    "(terminate_workers()/kill_workers()) before this task finished"
-                ),
+        if self._owns_backend:
+            if kill:
+                self._backend.kill_now()
+            else:
+                self._backend.shutdown(wait=False, kill=True)
+            how = "were terminated (terminate_workers()/kill_workers())"
+        else:
+            how = (
+                "were stopped (terminate_workers()/kill_workers()); the backend instance "
+                "is the caller's, so only this executor's tasks were stopped"
             )
+        error = WorkerCrashedError(f"the executor's tasks {how} before this task finished")
+        for future in pending:
+            if self._owns_backend or not future.cancel():
+                settle_future(future, exc=error)
+            task = getattr(future, "task_future", None)
+            if not self._owns_backend and task is not None and self._backend.capabilities.kill:
+                self._backend.kill_task(task)  # only this task's worker, replaced
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown(wait=True)

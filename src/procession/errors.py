@@ -12,12 +12,13 @@ back as its own type, with the worker's traceback attached as ``__cause__``
 from __future__ import annotations
 
 import pickle
-from concurrent.futures import BrokenExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = [
     "BackendUnavailableError",
+    "NestedParallelismError",
     "PipelineError",
     "ProcessionError",
     "RemoteError",
@@ -76,7 +77,7 @@ def _rebuild_serialization_error(
     )
 
 
-class WorkerCrashedError(ProcessionError, BrokenExecutor):
+class WorkerCrashedError(ProcessionError, BrokenProcessPool):
     """A worker died while it ran a task (signal, ``os._exit``, segfault, lost node).
 
     ``exitcode`` is the process exit code (negative for a signal), ``signal_name``
@@ -236,3 +237,13 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.traceback_text}"""'
+
+
+class NestedParallelismError(ProcessionError, RuntimeError):
+    """A task asked for a new process pool for nested work, which procession refuses.
+
+    Raised by ``procession.map``, ``Executor`` and ``Pipeline`` when they are
+    called inside a task with an explicit process backend (see
+    :mod:`procession._nesting` for the rule: a nested map with no ``backend=``
+    runs inline in the worker).
+    """

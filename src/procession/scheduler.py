@@ -39,6 +39,7 @@ from typing import Any
 from procession import protocol
 from procession.backends.base import Backend, TaskFuture, settle_future
 from procession.errors import (
+    RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -505,8 +506,11 @@ class MapRun:
         bar = _progress_bar(self._length) if self._progress else None
         try:
             yield from self._loop(bar)
-        except KeyboardInterrupt:
-            if self._on_abort is not None:
+        except KeyboardInterrupt as interrupt:
+            # A real Ctrl-C stops the pool at once.  A KeyboardInterrupt that a task
+            # raised (it carries the worker's traceback) is that task's exception:
+            # the pool that reported it is healthy and stays warm.
+            if self._on_abort is not None and not isinstance(interrupt.__cause__, RemoteTraceback):
                 self._on_abort()
             raise
         finally:
@@ -675,6 +679,8 @@ def submit_call(
         with contextlib.suppress(RuntimeError):
             user_future.set_running_or_notify_cancel()
 
+    # The executor stops exactly its own tasks through it (terminate_workers()).
+    user_future.task_future = task_future  # type: ignore[attr-defined]
     user_future.add_done_callback(forward_cancel)
     task_future.add_start_callback(mark_running)
     task_future.add_done_callback(relay)

@@ -219,6 +219,14 @@ class Backend(ABC):
         ``kill``: terminate the workers now, failing unfinished futures; must
         return within a few seconds even while a task hangs."""
 
+    def kill_now(self) -> None:
+        """Stop the workers at once, with no grace period (``Executor.kill_workers()``).
+
+        The default is :meth:`shutdown` with ``kill=True``; process pools
+        override it to send SIGKILL straight away.
+        """
+        self.shutdown(wait=False, kill=True)
+
     def worker_pids(self) -> set[int]:
         """Process ids of the live workers (empty for in-process backends)."""
         return set()

@@ -578,6 +578,15 @@ class ProcessBackend(Backend):
         if not dispatcher.is_alive() or kill:
             self._close_wakeup()
 
+    def kill_now(self) -> None:
+        """SIGKILL every worker at once, then shut down (no SIGTERM grace period)."""
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            with contextlib.suppress(Exception):
+                w.process.kill()
+        self.shutdown(wait=False, kill=True)
+
     def _kill_all(self) -> None:
         """Stop every worker now, even one stuck in a task; fail unfinished futures."""
         self._fail_everything(
