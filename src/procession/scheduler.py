@@ -39,6 +39,7 @@ from procession.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from procession.serialization import shm
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
@@ -103,6 +104,8 @@ class Chunk:
     attempts: int = 0
     submitted_at: float = 0.0
     timed_out: bool = False
+    # Shared-memory segments of this chunk's large buffers (released when it is done).
+    lease: shm.arena.Lease | None = None
 
     def indices(self) -> tuple[int, ...]:
         return tuple(range(self.start, self.start + len(self.items)))
@@ -202,12 +205,15 @@ def encode_task(
     )
 
 
-def encode_function(fn: Callable[..., Any], serializer: Serializer) -> tuple[bytes, bytes]:
+def encode_function(
+    fn: Callable[..., Any], serializer: Serializer, arena: shm.InBand = shm.IN_BAND
+) -> tuple[bytes, bytes]:
     """Serialize the function once per call; raise SerializationError naming it."""
     if not callable(fn):
         raise TypeError(f"the function to map must be callable, got {type(fn).__name__}")
     try:
-        fn_bytes = serializer.dumps(fn)
+        # Large buffers the function holds (a partial's array) are written once per map.
+        fn_bytes = arena.dumps(serializer, fn, pin=True)
     except Exception as exc:
         raise diagnose(fn, serializer, root="fn", exc=exc) from exc
     return worker.digest(fn_bytes), fn_bytes
@@ -271,7 +277,13 @@ class MapRun:
             self._length = None
         self._backend = backend
         self._serializer = serializer
-        self._fn_digest, self._fn_bytes = encode_function(fn, serializer)
+        # Large buffers go through shared memory on same-machine process backends.
+        self._arena = shm.arena_for(backend)
+        try:
+            self._fn_digest, self._fn_bytes = encode_function(fn, serializer, self._arena)
+        except BaseException:
+            self._arena.close()
+            raise
         self._star = star
         fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
         self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn_digest)
@@ -349,7 +361,7 @@ class MapRun:
 
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
-            items_bytes = self._serializer.dumps(chunk.items)
+            items_bytes, chunk.lease = self._arena.dumps_leased(self._serializer, chunk.items)
         except Exception as exc:
             if len(chunk.items) > 1:
                 # Find the culprit: send the others, fail only it.
@@ -378,6 +390,7 @@ class MapRun:
 
     def _receive(self, future: TaskFuture, chunk: Chunk, retry: deque[Chunk]) -> Outcome | None:
         """Decode a finished task; None when its chunk was queued for a retry."""
+        self._arena.release(chunk.lease)
         try:
             data = future.result()
         except CancelledError:
@@ -418,7 +431,7 @@ class MapRun:
             _, exc_bytes, type_name, message, tb_text = failures[0]
             load_error = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
             return self._all_failed(chunk, _worker_load_error(load_error, self._serializer))
-        values = self._serializer.loads(values_bytes)
+        values = self._arena.loads(self._serializer, values_bytes)
         self._chunker.record(len(values), seconds)
         errors = {
             position: decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
@@ -493,6 +506,7 @@ class MapRun:
             for future in self._pending:
                 future.cancel()
             self._pending.clear()
+            self._arena.close()  # removes this map's segments, whatever happened
             if bar is not None:
                 bar.close()
 
@@ -574,17 +588,30 @@ def submit_call(
     kwargs: dict[str, Any],
 ) -> Future[Any]:
     """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future."""
-    fn_digest, fn_bytes = encode_function(fn, serializer)
+    arena = shm.arena_for(backend)  # one per call; closed once the result is in
     try:
-        items_bytes = serializer.dumps([(args, kwargs)])
-    except Exception as exc:
-        raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
-    task = encode_task(serializer, fn_digest, fn_bytes, items_bytes, star=True, stop_on_error=True)
-    user_future: Future[Any] = Future()
-    backend.start()
-    task_future = backend.submit(task)
+        fn_digest, fn_bytes = encode_function(fn, serializer, arena)
+        try:
+            items_bytes = arena.dumps(serializer, [(args, kwargs)], pin=True)
+        except Exception as exc:
+            raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
+        task = encode_task(
+            serializer, fn_digest, fn_bytes, items_bytes, star=True, stop_on_error=True
+        )
+        user_future: Future[Any] = Future()
+        backend.start()
+        task_future = backend.submit(task)
+    except BaseException:
+        arena.close()
+        raise
 
     def relay(done: Future[bytes]) -> None:
+        try:
+            _relay(done)
+        finally:
+            arena.close()
+
+    def _relay(done: Future[bytes]) -> None:
         if user_future.cancelled():
             return
         try:
@@ -603,7 +630,7 @@ def submit_call(
                 failure = _worker_load_error(failure, serializer)
             settle_future(user_future, exc=failure)
         else:
-            settle_future(user_future, value=serializer.loads(values_bytes)[0])
+            settle_future(user_future, value=arena.loads(serializer, values_bytes)[0])
 
     def forward_cancel(done: Future[Any]) -> None:
         if done.cancelled():

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from procession.serialization import shm
 from procession.serialization.serializers import Serializer, get_serializer
 
 __all__ = ["in_worker", "initialize_worker", "run_task"]
@@ -63,6 +64,9 @@ def digest(data: bytes) -> bytes:
 
 
 def _load_function(serializer: Serializer, fn_digest: bytes, fn_bytes: bytes) -> Any:
+    if shm.arena.has_buffers(fn_bytes):
+        # Not cached: it maps shared memory that the parent frees when the map ends.
+        return shm.load_payload(serializer, fn_bytes, private=True)[0]
     with _functions_lock:
         fn = _functions.get(fn_digest)
         if fn is not None:
@@ -109,7 +113,9 @@ def run_task(task: bytes) -> bytes:
     failures: list[Failure] = []
     try:
         fn = _load_function(serializer, fn_digest, fn_bytes)
-        items = serializer.loads(items_bytes)
+        # Large arguments arrive as copy-on-write maps of the parent's shared memory;
+        # ``reply`` sends large results back the same way (or in-band).
+        items, reply = shm.load_payload(serializer, items_bytes, private=True)
     except BaseException as exc:
         failures.append((-1, *encode_exception(exc, serializer)))
         return pickle.dumps((VERSION, None, failures, time.perf_counter() - started), 5)
@@ -122,7 +128,7 @@ def run_task(task: bytes) -> bytes:
         _task_context.depth -= 1
     seconds = time.perf_counter() - started
     try:
-        values_bytes = serializer.dumps(values)
+        values_bytes = reply.dumps(serializer, values)
     except Exception:
         values_bytes, failures = _salvage_results(values, failures, serializer)
     return pickle.dumps((VERSION, values_bytes, failures, seconds), 5)
