@@ -505,8 +505,9 @@ class MapRun:
         finally:
             for future in self._pending:
                 future.cancel()
+            # Removes this map's segments, whatever happened (and late results' ones).
+            self._arena.close(self._pending)
             self._pending.clear()
-            self._arena.close()  # removes this map's segments, whatever happened
             if bar is not None:
                 bar.close()
 

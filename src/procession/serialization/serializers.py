@@ -21,6 +21,7 @@ copy non-contiguous arrays once into a contiguous buffer, and let
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import threading
@@ -119,9 +120,13 @@ def _numpy_reduce(obj: Any, buffer_callback: BufferCallback) -> Any:
         return NotImplemented
     if isinstance(obj, np.memmap):
         return _reduce_memmap(obj, np, buffer_callback)
-    if type(obj) is np.ndarray and not (obj.flags.c_contiguous or obj.flags.f_contiguous):
-        # numpy would send a strided array in-band; one contiguous copy lets it out of band.
-        return np.ascontiguousarray(obj).__reduce_ex__(PROTOCOL)
+    if type(obj) is np.ndarray:
+        if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            # numpy would send a strided array in-band; one contiguous copy lets it out of band.
+            obj = np.ascontiguousarray(obj)
+        # numpy's protocol-5 reduction (a PickleBuffer), asked for explicitly: dill's
+        # pickler would otherwise use its own, in-band one.
+        return obj.__reduce_ex__(PROTOCOL)
     return NotImplemented
 
 
@@ -143,13 +148,14 @@ def _reduce_memmap(array: Any, np: Any, buffer_callback: BufferCallback) -> Any:
     address = array.__array_interface__["data"][0]
     start = top.offset + (low - top_address)
     mode = "r" if top.mode == "r" else "c"  # workers write copy-on-write, never to the file
+    filename = os.fspath(top.filename)
     note = getattr(buffer_callback, "note_file", None)
     if note is not None:
-        note(top.filename, start, high - low)
+        note(filename, start, high - low)
     return (
         rebuild.memmap_from_file,
         (
-            top.filename,
+            filename,
             mode,
             start,
             high - low,

@@ -41,7 +41,8 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +274,7 @@ class _Collector:
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self.large: list[pickle.PickleBuffer] = []
+        self.files: list[tuple[str, int, int]] = []
 
     def __call__(self, buffer: pickle.PickleBuffer) -> bool:
         # Returning True keeps a buffer in-band.
@@ -282,7 +284,17 @@ class _Collector:
         return False
 
     def note_file(self, filename: str, start: int, nbytes: int) -> None:
-        """A ``numpy.memmap`` is sent by file name: nothing to write."""
+        """A ``numpy.memmap`` is sent by file name: nothing to write, only to report."""
+        self.files.append((filename, start, nbytes))
+
+
+def out_of_band_parts(
+    serializer: Serializer, obj: Any, threshold: int
+) -> tuple[list[pickle.PickleBuffer], list[tuple[str, int, int]], int]:
+    """What serializing ``obj`` would send out of band: (buffers, memmap files, in-band size)."""
+    collector = _Collector(threshold)
+    payload = _oob_dumps(serializer, obj, collector)
+    return collector.large, collector.files, len(payload)
 
 
 def _oob_dumps(serializer: Serializer, obj: Any, collector: _Collector) -> bytes:
@@ -294,6 +306,7 @@ def _oob_dumps(serializer: Serializer, obj: Any, collector: _Collector) -> bytes
         wrapped, changed = _wrap_large_bytes(obj, collector.threshold, depth=4)
         if changed:
             collector.large.clear()
+            collector.files.clear()
             payload = dumps(wrapped, buffer_callback=collector)
     return payload
 
@@ -384,7 +397,7 @@ class InBand:
     def release(self, lease: Lease | None) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
         pass
 
 
@@ -458,6 +471,9 @@ class Arena(InBand):
             # array in place since (a reused buffer); only bytes cannot change.
             if found is not None and (type(exporter) is bytes or _unchanged(raw, found)):
                 found.users += 1
+                # Sent more than once: likely again, so keep it for the rest of the map
+                # rather than rewrite it whenever the in-flight window drains.
+                found.pinned = True
                 return found
             name = f"{self.prefix}{next(self._count)}"
         path = write_segment(name, raw, self.directories)
@@ -489,11 +505,21 @@ class Arena(InBand):
         """Load a worker's results; their large buffers become arrays over shared memory."""
         return load_payload(serializer, data, private=False)[0]
 
-    def close(self) -> None:
-        """Remove every segment of this map, the parent's and any a worker left."""
+    def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
+        """Remove every segment of this map, the parent's and any a worker left.
+
+        A task in ``unfinished`` (running, so it could not be cancelled) may
+        still write its results: sweep again when it ends.
+        """
         with self._lock:
             self._closed = True
             self._by_address.clear()
+        sweep_owner(self.prefix)
+        for future in unfinished:
+            if not future.done():
+                future.add_done_callback(self._sweep_late)
+
+    def _sweep_late(self, _: Future[Any]) -> None:
         sweep_owner(self.prefix)
 
 

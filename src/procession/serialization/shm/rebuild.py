@@ -46,7 +46,14 @@ def memmap_from_file(
 
     if span == 0:
         return np.ndarray(shape, dtype=dtype)
+    probe = np.ndarray(shape, dtype=dtype, buffer=b"\0" * span, offset=first, strides=strides)
+    orders: Any = (("C", probe.flags.c_contiguous), ("F", probe.flags.f_contiguous))
+    for order, contiguous in orders:
+        if contiguous and first == 0:
+            # A plain memmap of the range: the receiver sees filename, offset and mode.
+            return np.memmap(
+                filename, dtype=dtype, mode=mode, offset=start, shape=shape, order=order
+            )
+    # A strided view: an ndarray over a memmap of the range (its .base names the file).
     mapped = np.memmap(filename, dtype=np.uint8, mode=mode, offset=start, shape=(span,))
-    array = np.ndarray(shape, dtype=dtype, buffer=mapped, offset=first, strides=strides)
-    # Keep the memmap subclass so the receiver can still tell the array is file-backed.
-    return array.view(np.memmap)
+    return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=first, strides=strides)
