@@ -159,22 +159,27 @@ def test_script_without_main_guard_gets_a_clear_error(tmp_path: Path) -> None:
 
 
 def _task(item: tuple[object, ...]) -> bytes:
-    from procession.scheduler import encode_function, encode_task
+    from procession import protocol
     from procession.serialization.serializers import get_serializer
 
     serializer = get_serializer("pickle")
-    digest, fn_bytes = encode_function(act, serializer)
-    return encode_task(
-        serializer, digest, fn_bytes, serializer.dumps([item]), star=False, stop_on_error=True
+    return protocol.encode_task(
+        serializer,
+        protocol.new_run_id(),
+        protocol.encode_function(act, serializer),
+        serializer.dumps([item]),
+        star=False,
+        stop_on_error=True,
     )
 
 
 def _decode(result: bytes) -> object:
-    import pickle
+    from procession import protocol
+    from procession.serialization.serializers import get_serializer
 
-    _version, values, failures, _seconds = pickle.loads(result)
-    assert not failures
-    return pickle.loads(values)[0]
+    decoded = protocol.decode_result(result, get_serializer("pickle"))
+    assert not decoded.errors and decoded.task_error is None
+    return decoded.values[0]
 
 
 def shout(x: int) -> int:

@@ -49,12 +49,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from procession.api import _check_workers, resolve_backend
-from procession.backends.base import Backend, TaskFuture
+from procession.backends.base import Backend
 from procession.errors import PipelineError, RemoteTraceback
-from procession.scheduler import MapRun, encode_function, validate_map_options
+from procession.protocol import encode_function
+from procession.scheduler import IDLE, MapRun, TimedSource, validate_map_options
 from procession.serialization.serializers import Serializer, get_serializer
 
 __all__ = ["DEFAULT_MAXSIZE", "Pipeline", "PipelineRun"]
@@ -64,14 +65,6 @@ U = TypeVar("U")
 
 #: Items a stage's output channel holds before the stage blocks.
 DEFAULT_MAXSIZE = 64
-# A stage on a backend feeds the scheduler in bursts.  The scheduler reads a
-# whole chunk (its size grown to ~20 ms of worker time) before sending it, and
-# reads input whenever its window has room, holding finished results meanwhile;
-# fed by a trickling upstream it could sit on results for seconds.  So a burst
-# ends once it has spent this long, in total, waiting for input: the scheduler
-# then sends what it has, drains, and a new burst starts with the next item.
-# A fast upstream never makes it wait, so its burst (and chunk growth) goes on.
-LINGER_SECONDS = 0.05
 # On close, running tasks get this long to finish before they are killed
 # (on backends that can kill), so an early ``break`` rarely costs a worker.
 GRACE_SECONDS = 0.5
@@ -100,6 +93,23 @@ _IDLE = object()  # a timed get found nothing
 @dataclass(frozen=True)
 class _Failure:
     error: BaseException
+
+
+class _ChannelSource(TimedSource):
+    """A stage's input channel as the scheduler reads it; keeps the end marker."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+        self.ended: Any = None
+
+    def read(self, timeout: float | None) -> Any:
+        item = self.channel.get(timeout)
+        if item is _IDLE:
+            return IDLE
+        if item is _END or isinstance(item, _Failure):
+            self.ended = item
+            raise StopIteration
+        return item
 
 
 class _Channel:
@@ -203,59 +213,6 @@ class _Expand:
 
     def __call__(self, item: Any) -> list[Any]:
         return list(self.fn(item))
-
-
-class _Tracked(Backend):
-    """A stage's view of a (shared) backend that remembers the stage's unfinished
-    tasks, so shutting the run down can cancel or kill exactly those."""
-
-    name: ClassVar[str] = "tracked"
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(workers=inner.workers)
-        self.inner = inner
-        # Per instance: the scheduler reads these to validate options.
-        self.name = inner.name  # type: ignore[misc]
-        self.capabilities = inner.capabilities  # type: ignore[misc]
-        self.default_serializer = inner.default_serializer  # type: ignore[misc]
-        self._lock = threading.Lock()
-        self._futures: set[TaskFuture] = set()
-
-    def start(self) -> None:
-        self.inner.start()
-
-    def submit(self, task: bytes) -> TaskFuture:
-        future = self.inner.submit(task)
-        with self._lock:
-            self._futures.add(future)
-        future.add_done_callback(self._forget)
-        return future
-
-    def _forget(self, future: Any) -> None:
-        with self._lock:
-            self._futures.discard(future)
-
-    def kill_task(self, future: TaskFuture) -> None:
-        self.inner.kill_task(future)
-
-    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
-        """The inner backend is shared: it outlives the stage."""
-
-    def worker_pids(self) -> set[int]:
-        return self.inner.worker_pids()
-
-    def abort(self, *, kill: bool) -> None:
-        """Cancel this stage's queued tasks; with ``kill``, stop its running ones too."""
-        with self._lock:
-            futures = list(self._futures)
-        for future in futures:
-            if future.cancel() or future.done():
-                continue
-            if kill and self.capabilities.kill:
-                try:
-                    self.inner.kill_task(future)
-                except Exception:
-                    pass  # finished or the worker died meanwhile
 
 
 def _check_callable(fn: object, method: str) -> None:
@@ -521,7 +478,7 @@ class _Plan:
 
     stage: _Stage
     where: str
-    backend: _Tracked | None
+    backend: Backend | None
     fn: Callable[..., Any] | None
     serializer: Serializer | None
     ordered: bool
@@ -554,7 +511,7 @@ def _plan(stage: _Stage, position: int, run_backend: str | Backend | None, order
     # backend cannot start; some backends (Ray) must also start in the main thread.
     encode_function(fn, serializer)
     chosen.start()
-    return _Plan(stage, where, _Tracked(chosen), fn, serializer, stage_ordered)
+    return _Plan(stage, where, chosen, fn, serializer, stage_ordered)
 
 
 def _attach_traceback(exc: BaseException, where: str) -> BaseException:
@@ -584,6 +541,7 @@ class _Runner:
         ]
         self.lock = threading.Lock()
         self.stopped = False
+        self.runs: dict[int, MapRun] = {}  # stage position -> its scheduler run
         self.threads = [
             threading.Thread(
                 target=self._source_main,
@@ -679,56 +637,43 @@ class _Runner:
         return ended[0]
 
     def _run_on_backend(self, position: int, plan: _Plan) -> Any:
-        """Drive the scheduler over bursts of input (see LINGER_SECONDS)."""
+        """Drive the scheduler over the stage's input channel.
+
+        The channel is a :class:`TimedSource`: while upstream pauses, the
+        scheduler keeps handing finished results downstream.
+        """
         assert plan.backend is not None
         assert plan.fn is not None
         assert plan.serializer is not None
-        inp, out = self.channels[position - 1], self.channels[position]
+        out = self.channels[position]
         kind = plan.stage.kind
-        ended: list[Any] = []
-
-        def burst(first: Any) -> Iterator[Any]:
-            yield first
-            waited = 0.0
-            while True:
-                item = inp.get(0)
-                if item is _IDLE:
-                    started = time.monotonic()
-                    item = inp.get(max(LINGER_SECONDS - waited, 0.0))
-                    waited += time.monotonic() - started
-                    if item is _IDLE:
-                        return
-                if item is _END or isinstance(item, _Failure):
-                    ended.append(item)
-                    return
-                yield item
-
-        while not ended:
-            first = inp.get()
-            if first is _END or isinstance(first, _Failure):
-                return first
-            run = MapRun(
-                plan.backend,
-                plan.fn,
-                burst(first),
-                serializer=plan.serializer,
-                chunksize=plan.stage.chunksize,
-                ordered=plan.ordered,
-                timeout=plan.stage.timeout,
-            )
-            try:
-                for value in run:
-                    if kind == "map":
-                        out.put(value)
-                    elif kind == "filter":
-                        if value[0]:
-                            out.put(value[1])
-                    else:
-                        for each in value:
-                            out.put(each)
-            finally:
-                run.close()  # cancels whatever is still in flight
-        return ended[0]
+        source = _ChannelSource(self.channels[position - 1])
+        run = MapRun(
+            plan.backend,
+            plan.fn,
+            source,
+            serializer=plan.serializer,
+            chunksize=plan.stage.chunksize,
+            ordered=plan.ordered,
+            timeout=plan.stage.timeout,
+        )
+        with self.lock:
+            self.runs[position] = run
+        try:
+            for value in run:
+                if kind == "map":
+                    out.put(value)
+                elif kind == "filter":
+                    if value[0]:
+                        out.put(value[1])
+                else:
+                    for each in value:
+                        out.put(each)
+        finally:
+            run.close()  # cancels whatever is still in flight
+            with self.lock:
+                self.runs.pop(position, None)
+        return source.ended
 
     # -- shutting down --------------------------------------------------------
 
@@ -736,9 +681,7 @@ class _Runner:
         """Stop every stage without waiting (safe from a finalizer)."""
         for channel in self.channels:
             channel.close()
-        for plan in self.plans:
-            if plan.backend is not None:
-                plan.backend.abort(kill=False)
+        self._abort_runs(kill=False)
 
     def shutdown(self, *, kill: bool = False) -> None:
         """Stop every stage and wait for its thread; idempotent."""
@@ -765,9 +708,13 @@ class _Runner:
                 thread.join(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
     def _kill_running(self) -> None:
-        for plan in self.plans:
-            if plan.backend is not None:
-                plan.backend.abort(kill=True)
+        self._abort_runs(kill=True)
+
+    def _abort_runs(self, *, kill: bool) -> None:
+        with self.lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            run.abort(kill=kill)
 
 
 class PipelineRun(Generic[T]):

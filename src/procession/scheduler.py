@@ -21,29 +21,35 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import pickle
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from procession import worker
+from procession import protocol
 from procession.backends.base import Backend, TaskFuture
 from procession.errors import (
-    RemoteError,
-    RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from procession.protocol import encode_function
 from procession.serialization import shm
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
-__all__ = ["MapRun", "decode_failure", "settle_future", "submit_call", "validate_map_options"]
+__all__ = [
+    "IDLE",
+    "MapRun",
+    "TimedSource",
+    "settle_future",
+    "submit_call",
+    "validate_map_options",
+]
 
 OnError = Literal["raise", "return"]
 ON_ERROR_CHOICES = ("raise", "return")
@@ -55,6 +61,48 @@ MAX_GROWTH = 16
 MAX_AUTO_CHUNK = 50_000
 # Without a known length, an unstarted task's deadline cannot be computed; poll.
 POLL_SECONDS = 0.05
+# A chunk is sent when it is full or when reading it has taken this long, so a
+# slow source's first result arrives after about one item period, not one chunk.
+LINGER_SECONDS = 0.02
+
+#: What :meth:`TimedSource.read` returns when no item came within its timeout.
+IDLE: Any = type("Idle", (), {"__repr__": lambda self: "IDLE"})()
+
+
+class TimedSource(ABC):
+    """An input the scheduler can wait on with a time limit (a queue, a channel).
+
+    Give one to :class:`MapRun` instead of a plain iterable when the input may
+    pause for long: the scheduler then keeps delivering finished results while
+    it waits for more input, instead of blocking inside ``next()``.
+
+    Example::
+
+        class QueueSource(TimedSource):
+            def __init__(self, q): self.q = q
+            def read(self, timeout):
+                try:
+                    item = self.q.get(timeout=timeout)
+                except queue.Empty:
+                    return IDLE
+                if item is None:
+                    raise StopIteration
+                return item
+    """
+
+    @abstractmethod
+    def read(self, timeout: float | None) -> Any:
+        """The next item; ``IDLE`` if none came within ``timeout`` seconds (None: wait
+        as long as it takes); raise StopIteration at the end."""
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.read(None)
+            except StopIteration:
+                return
+            if item is not IDLE:
+                yield item
 
 
 def validate_map_options(
@@ -168,75 +216,6 @@ class AutoChunker:
                     _learned_per_item.popitem(last=False)
 
 
-def decode_failure(
-    serializer: Serializer,
-    exc_bytes: bytes | None,
-    type_name: str,
-    message: str,
-    traceback_text: str,
-) -> BaseException:
-    """Rebuild a worker's exception, with its traceback text as ``__cause__``."""
-    exc: BaseException | None = None
-    if exc_bytes is not None:
-        try:
-            loaded = serializer.loads(exc_bytes)
-        except Exception:
-            loaded = None
-        if isinstance(loaded, BaseException):
-            exc = loaded
-    if exc is None:
-        exc = RemoteError(type_name, message, traceback_text)
-    exc.__cause__ = RemoteTraceback(traceback_text)
-    return exc
-
-
-def encode_task(
-    serializer: Serializer,
-    fn_digest: bytes,
-    fn_bytes: bytes,
-    items_bytes: bytes,
-    *,
-    star: bool,
-    stop_on_error: bool,
-) -> bytes:
-    return pickle.dumps(
-        (worker.VERSION, serializer.name, fn_digest, fn_bytes, items_bytes, star, stop_on_error),
-        5,
-    )
-
-
-def encode_function(
-    fn: Callable[..., Any], serializer: Serializer, arena: shm.InBand = shm.IN_BAND
-) -> tuple[bytes, bytes]:
-    """Serialize the function once per call; raise SerializationError naming it."""
-    if not callable(fn):
-        raise TypeError(f"the function to map must be callable, got {type(fn).__name__}")
-    try:
-        # Large buffers the function holds (a partial's array) are written once per map.
-        fn_bytes = arena.dumps(serializer, fn, pin=True)
-    except Exception as exc:
-        raise diagnose(fn, serializer, root="fn", exc=exc) from exc
-    return worker.digest(fn_bytes), fn_bytes
-
-
-def _worker_load_error(exc: BaseException, serializer: Serializer) -> BaseException:
-    """The worker could not decode the task: a serialization problem, reported here."""
-    cause = exc.__cause__
-    hint = (
-        " (a function pickled by reference must be importable in the worker: define it in a "
-        "module, or use serializer='cloudpickle')"
-        if not serializer.sends_code_by_value
-        else ""
-    )
-    error = SerializationError(
-        f"the worker could not load the task sent with serializer {serializer.name!r}: "
-        f"{type(exc).__name__}: {exc}{hint}",
-        serializer=serializer.name,
-    )
-    error.__cause__ = cause
-    return error
-
-
 class MapRun:
     """One ``map`` call: a lazy iterator of results over ``backend``."""
 
@@ -264,12 +243,14 @@ class MapRun:
             on_error=on_error,
             backend=backend,
         )
+        self._timed: TimedSource | None = iterable if isinstance(iterable, TimedSource) else None
         try:
             self._source: Iterator[Any] = iter(iterable)
         except TypeError:
             raise TypeError(
                 f"map() needs an iterable of inputs, got {type(iterable).__name__}"
             ) from None
+        self._source_idle = False
         self._length: int | None
         try:
             self._length = len(iterable)  # type: ignore[arg-type]
@@ -280,13 +261,14 @@ class MapRun:
         # Large buffers go through shared memory on same-machine process backends.
         self._arena = shm.arena_for(backend)
         try:
-            self._fn_digest, self._fn_bytes = encode_function(fn, serializer, self._arena)
+            self._fn = encode_function(fn, serializer, arena=self._arena)
         except BaseException:
             self._arena.close()
             raise
+        self._run_id = protocol.new_run_id()
         self._star = star
         fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
-        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn_digest)
+        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn.digest)
         self._ordered = ordered
         self._timeout = timeout
         self._retries = retries
@@ -301,7 +283,7 @@ class MapRun:
         self._aborted = False
         # The loop yields whole chunks of results; chain.from_iterable flattens
         # them in C, so the per-item cost of iterating is that of a list.
-        self._batches: Generator[list[Any], None, None] = self._run()
+        self._batches: Generator[Iterator[Any], None, None] = self._run()
         self._flat: Iterator[Any] = itertools.chain.from_iterable(self._batches)
 
     def __iter__(self) -> Iterator[Any]:
@@ -342,22 +324,75 @@ class MapRun:
 
     # -- reading and sending ------------------------------------------------
 
-    def _read_chunk(self) -> Chunk | None:
+    def _read_chunk(self, *, may_block: bool) -> Chunk | None:
+        """Read the next chunk: full, or what arrived within ``LINGER_SECONDS``.
+
+        A sized input (list, range) cannot stall, so it is sliced at C speed.  An
+        iterator is read in growing slices until the chunk is full or reading it
+        has taken ``LINGER_SECONDS``: a slow source sends small chunks at once
+        instead of filling one sized for a fast function.  A :class:`TimedSource`
+        is never waited on while results are due (``may_block=False``).
+        """
         size = self._chunker.next_size(self._consumed)
         items: list[Any] = []
+        self._source_idle = False
         try:
             # extend() keeps the items read before the source raised.
-            items.extend(itertools.islice(self._source, size))
+            if self._timed is not None:
+                ended = self._read_timed(items, size, may_block)
+            elif self._length is not None:
+                items.extend(itertools.islice(self._source, size))
+                ended = len(items) < size
+            else:
+                ended = self._read_lingering(items, size)
         except Exception as exc:
-            self._exhausted = True
+            ended = True
             self._input_error = exc
-        if len(items) < size:
+        if ended:
             self._exhausted = True
         if not items:
             return None
         chunk = Chunk(self._consumed, items)
         self._consumed += len(items)
         return chunk
+
+    def _read_lingering(self, items: list[Any], size: int) -> bool:
+        """Read up to ``size`` items, stopping early once reading took the linger time.
+
+        Returns whether the source ended.
+        """
+        started = time.monotonic()
+        step = 1
+        while len(items) < size:
+            want = min(step, size - len(items))
+            before = len(items)
+            items.extend(itertools.islice(self._source, want))
+            if len(items) - before < want:
+                return True
+            if time.monotonic() - started >= LINGER_SECONDS:
+                return False
+            step *= 2
+        return False
+
+    def _read_timed(self, items: list[Any], size: int, may_block: bool) -> bool:
+        assert self._timed is not None
+        deadline: float | None = None
+        while len(items) < size:
+            if deadline is None:
+                timeout = None if may_block else 0.0
+            else:
+                timeout = max(deadline - time.monotonic(), 0.0)
+            try:
+                item = self._timed.read(timeout)
+            except StopIteration:
+                return True
+            if item is IDLE:
+                self._source_idle = not items
+                return False
+            items.append(item)
+            if deadline is None:
+                deadline = time.monotonic() + LINGER_SECONDS
+        return False
 
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
@@ -375,10 +410,10 @@ class MapRun:
             error.__cause__ = exc
             ready[chunk.start] = Outcome(chunk, [None], {0: error})
             return
-        task = encode_task(
+        task = protocol.encode_task(
             self._serializer,
-            self._fn_digest,
-            self._fn_bytes,
+            self._run_id,
+            self._fn,
             items_bytes,
             star=self._star,
             stop_on_error=self._stop_on_error,
@@ -390,7 +425,6 @@ class MapRun:
 
     def _receive(self, future: TaskFuture, chunk: Chunk, retry: deque[Chunk]) -> Outcome | None:
         """Decode a finished task; None when its chunk was queued for a retry."""
-        self._arena.release(chunk.lease)
         try:
             data = future.result()
         except CancelledError:
@@ -425,24 +459,21 @@ class MapRun:
                 error = _crash_for(chunk, error, self._retries)
             return self._all_failed(chunk, error)
 
-        _version, values_bytes, failures, seconds = pickle.loads(data)
-        if values_bytes is None:
-            # The worker could not even decode the task.
-            _, exc_bytes, type_name, message, tb_text = failures[0]
-            load_error = decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
-            return self._all_failed(chunk, _worker_load_error(load_error, self._serializer))
-        values = self._arena.loads(self._serializer, values_bytes)
-        self._chunker.record(len(values), seconds)
-        errors = {
-            position: decode_failure(self._serializer, exc_bytes, type_name, message, tb_text)
-            for position, exc_bytes, type_name, message, tb_text in failures
-        }
-        for position, failure in errors.items():
+        result = protocol.decode_result(
+            data, self._serializer, what=f"items {_span(chunk)}", arena=self._arena
+        )
+        if result.task_error is not None:
+            error = result.task_error
+            if isinstance(error, SerializationError) and error.index is None:
+                error.index = chunk.start
+            return self._all_failed(chunk, error)
+        self._chunker.record(len(result.values), result.seconds)
+        for position, failure in result.errors.items():
             if isinstance(failure, SerializationError) and failure.index is None:
                 # The worker knew the position only within its chunk.
                 failure.index = chunk.start + position
                 failure.args = (f"{failure} (input item {failure.index})", *failure.args[1:])
-        return Outcome(chunk, values, errors)
+        return Outcome(chunk, result.values, result.errors)
 
     @staticmethod
     def _all_failed(chunk: Chunk, error: BaseException) -> Outcome:
@@ -450,22 +481,23 @@ class MapRun:
             chunk, [None] * len(chunk.items), dict.fromkeys(range(len(chunk.items)), error)
         )
 
-    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[list[Any]]:
-        """Yield the chunk's results as one list; raise at the first failure if asked."""
+    def _emit(self, outcome: Outcome, bar: Any) -> Iterator[Iterator[Any]]:
+        """Yield the chunk's results as one iterator; raise at the first failure if asked."""
         values, errors = outcome.values, outcome.errors
         if errors:
             first = min(errors)
             if self._stop_on_error:
                 # The worker stopped at its first failure: nothing past it exists.
                 if first:
-                    yield values[:first]
+                    yield _draining(values[:first])
                 if bar is not None:
                     bar.update(first)
                 raise errors[first]
             values = [errors.get(i, value) for i, value in enumerate(values)]
-        yield values
+        count = len(values)
+        yield _draining(values)
         if bar is not None:
-            bar.update(len(values))
+            bar.update(count)
 
     # -- the loop -----------------------------------------------------------
 
@@ -494,7 +526,7 @@ class MapRun:
                 chunk.timed_out = True
                 self._backend.kill_task(future)
 
-    def _run(self) -> Generator[list[Any], None, None]:
+    def _run(self) -> Generator[Iterator[Any], None, None]:
         bar = _progress_bar(self._length) if self._progress else None
         try:
             yield from self._loop(bar)
@@ -511,22 +543,25 @@ class MapRun:
             if bar is not None:
                 bar.close()
 
-    def _loop(self, bar: Any) -> Iterator[list[Any]]:
+    def _loop(self, bar: Any) -> Iterator[Iterator[Any]]:
         self._backend.start()
         ready: dict[int, Outcome] = {}
         retry: deque[Chunk] = deque()
         next_index = 0
         while not self._aborted:
+            # Items waiting for a retry always go out, window or not: in ordered mode
+            # the window may be full of later results that wait for exactly them.
+            while retry:
+                self._send(retry.popleft(), ready)
             while len(self._pending) + len(ready) < self._window:
-                if retry:
-                    self._send(retry.popleft(), ready)
-                    continue
                 if self._exhausted:
                     break
-                chunk = self._read_chunk()
+                chunk = self._read_chunk(may_block=not self._pending)
                 if chunk is None:
                     break
                 self._send(chunk, ready)
+                if self._source_idle:
+                    break
 
             if self._ordered:
                 while next_index in ready:
@@ -544,9 +579,11 @@ class MapRun:
                 if self._input_error is not None:
                     raise self._input_error
                 return
-            done, _ = wait(
-                list(self._pending), timeout=self._wait_seconds(), return_when=FIRST_COMPLETED
-            )
+            timeout = self._wait_seconds()
+            if self._source_idle and not self._exhausted:
+                # The source may deliver meanwhile: look again soon.
+                timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+            done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
             for future in done:
@@ -556,6 +593,17 @@ class MapRun:
                 if received is not None:
                     ready[chunk.start] = received
             self._enforce_timeouts()
+
+
+def _draining(values: list[Any]) -> Iterator[Any]:
+    """Iterate ``values`` in order, letting go of each one as it is yielded.
+
+    The consumer may hold large results: once it has moved on, nothing here
+    keeps them alive.  (C-level map over list.pop, so it costs what a list
+    iterator costs.)
+    """
+    values.reverse()
+    return map(values.pop, itertools.repeat(-1, len(values)))
 
 
 def _span(chunk: Chunk) -> str:
@@ -588,18 +636,36 @@ def submit_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Future[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future."""
-    arena = shm.arena_for(backend)  # one per call; closed once the result is in
+    """Run ``fn(*args, **kwargs)`` on ``backend``; a plain concurrent.futures.Future.
+
+    A function that is not callable raises TypeError here; everything that goes
+    wrong with this one call after that (arguments or function that do not
+    serialize, a crash, a result that cannot be rebuilt) fails the future.
+    """
+    if not callable(fn):
+        raise TypeError(f"the function to submit must be callable, got {type(fn).__name__}")
+    user_future: Future[Any] = Future()
+    arena = shm.arena_for(backend)  # large buffers: one arena per call, closed with it
     try:
-        fn_digest, fn_bytes = encode_function(fn, serializer, arena)
+        encoded = encode_function(fn, serializer, role="submit", arena=arena)
         try:
             items_bytes = arena.dumps(serializer, [(args, kwargs)], pin=True)
         except Exception as exc:
             raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
-        task = encode_task(
-            serializer, fn_digest, fn_bytes, items_bytes, star=True, stop_on_error=True
-        )
-        user_future: Future[Any] = Future()
+    except SerializationError as error:
+        arena.close()
+        # As ProcessPoolExecutor does: the error belongs to this call's future.
+        user_future.set_running_or_notify_cancel()
+        user_future.set_exception(error)
+        return user_future
+    except BaseException:
+        arena.close()
+        raise
+    task = protocol.encode_task(
+        serializer, protocol.new_run_id(), encoded, items_bytes, star=True, stop_on_error=True
+    )
+    del args, kwargs  # a finished future keeps no reference to its arguments
+    try:
         backend.start()
         task_future = backend.submit(task)
     except BaseException:
@@ -618,27 +684,33 @@ def submit_call(
         try:
             data = done.result()
         except CancelledError:
-            user_future.cancel()
+            if user_future.cancel():
+                with contextlib.suppress(RuntimeError):
+                    user_future.set_running_or_notify_cancel()
+            else:
+                settle_future(
+                    user_future,
+                    exc=WorkerCrashedError(f"backend {backend.name!r} cancelled this running task"),
+                )
             return
         except BaseException as transport_error:
             settle_future(user_future, exc=transport_error)
             return
-        _version, values_bytes, failures, _seconds = pickle.loads(data)
-        if failures:
-            position, exc_bytes, type_name, message, tb_text = failures[0]
-            failure = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
-            if position < 0:
-                failure = _worker_load_error(failure, serializer)
-            settle_future(user_future, exc=failure)
+        result = protocol.decode_result(data, serializer, what="the submitted call", arena=arena)
+        if result.task_error is not None:
+            settle_future(user_future, exc=result.task_error)
+        elif result.errors:
+            settle_future(user_future, exc=result.errors[min(result.errors)])
         else:
-            settle_future(user_future, value=arena.loads(serializer, values_bytes)[0])
+            settle_future(user_future, value=result.values[0])
 
     def forward_cancel(done: Future[Any]) -> None:
         if done.cancelled():
             task_future.cancel()
             # concurrent.futures.wait() counts a cancelled future as done only once
             # its executor acknowledges the cancellation.
-            done.set_running_or_notify_cancel()
+            with contextlib.suppress(RuntimeError):
+                done.set_running_or_notify_cancel()
 
     def mark_running(_: TaskFuture) -> None:
         # As in concurrent.futures: a started task can no longer be cancelled.

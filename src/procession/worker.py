@@ -5,42 +5,41 @@ A backend moves two kinds of opaque bytes and calls two functions here:
     initialize_worker(setup)  once per worker, before its first task
     run_task(task) -> result  for every task
 
-Both the task and the result are small envelopes (stdlib pickle of bytes,
-strings and ints) around payloads made by the serializer the caller chose, so
-a backend never needs to know which serializer is in use.  Keep the names in
+The envelopes are defined in :mod:`procession.protocol`.  Keep the names in
 this module stable: backends reference them by import path.
 
-    task   = (VERSION, serializer, fn_digest, fn_bytes, items_bytes, star, stop_on_error)
-    result = (VERSION, values_bytes | None, failures, seconds)
-    failures: [(position, exc_bytes | None, type_name, message, traceback_text)]
+A decoded function is reused only within the run (one ``map`` or ``submit``)
+that sent it, so each map runs the function as it is in the parent at that
+call; a function that captures a value with state is rebuilt for every call.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import pickle
+import signal
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from procession import protocol
 from procession.serialization import shm
 from procession.serialization.serializers import Serializer, get_serializer
 
 __all__ = ["in_worker", "initialize_worker", "run_task"]
 
-VERSION = 1
+VERSION = protocol.VERSION
 _FUNCTION_CACHE_SIZE = 64
 
 # Decoding a closure for every chunk would cost more than the chunk itself for
-# tiny tasks, so each process keeps the last few decoded functions by digest.
-_functions: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+# tiny tasks, so each process keeps the last few decoded functions by run.
+_functions: OrderedDict[tuple[bytes, bytes], Callable[..., Any]] = OrderedDict()
 _functions_lock = threading.Lock()
 
-Failure = tuple[int, bytes | None, str, str, str]
+Failure = protocol.Failure
 
 # Set while this thread runs a task's user code (any backend, threads included).
 _task_context = threading.local()
@@ -59,42 +58,55 @@ def in_worker() -> bool:
     return getattr(_task_context, "depth", 0) > 0
 
 
-def digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _load_function(serializer: Serializer, fn_digest: bytes, fn_bytes: bytes) -> Any:
-    if shm.arena.has_buffers(fn_bytes):
-        # Not cached: it maps shared memory that the parent frees when the map ends.
-        return shm.load_payload(serializer, fn_bytes, private=True)[0]
+def _load_function(serializer: Serializer, task: protocol.Task) -> Any:
+    key = (task.run_id, task.fn_digest)
     with _functions_lock:
-        fn = _functions.get(fn_digest)
+        fn = _functions.get(key)
         if fn is not None:
-            _functions.move_to_end(fn_digest)
+            _functions.move_to_end(key)
             return fn
-    fn = serializer.loads(fn_bytes)
+    if shm.arena.has_buffers(task.fn_bytes):
+        # Not cached: it maps shared memory that the parent frees when the map ends.
+        return _loads_shared(serializer, task.fn_bytes)
+    fn = serializer.loads(task.fn_bytes)
     with _functions_lock:
-        _functions[fn_digest] = fn
+        _functions[key] = fn
         if len(_functions) > _FUNCTION_CACHE_SIZE:
             _functions.popitem(last=False)
     return fn
 
 
-def encode_exception(
-    exc: BaseException, serializer: Serializer
-) -> tuple[bytes | None, str, str, str]:
-    """Pack an exception so it can travel back even if it does not pickle."""
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:
-        message = f"<str() of {type_name} failed>"
-    try:
-        exc_bytes: bytes | None = serializer.dumps(exc)
-    except Exception:
-        exc_bytes = None
-    return exc_bytes, type_name, message, tb_text
+class _FreshEachCall:
+    """Rebuilds the function from its bytes for every call: it captures a value
+    with state (a generator, a file position) that one call must not use up."""
+
+    def __init__(self, serializer: Serializer, data: bytes) -> None:
+        self._loads = functools.partial(_loads_shared, serializer)
+        self._data = data
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._loads(self._data)(*args, **kwargs)
+
+
+def _loads_shared(serializer: Serializer, data: bytes) -> Any:
+    """Load ``data``; its large buffers (if any) map the parent's shared memory."""
+    return shm.load_payload(serializer, data, private=True)[0]
+
+
+def _interrupt_is_real(exc: BaseException) -> bool:
+    """Whether ``exc`` may be a real Ctrl-C rather than a KeyboardInterrupt the task raised.
+
+    Worker processes ignore SIGINT and worker threads never receive signals, so
+    there it can only come from task code.  Only a task run in the caller's
+    main thread (the serial backend) can be hit by the user's Ctrl-C, whose
+    KeyboardInterrupt carries no message.
+    """
+    return (
+        isinstance(exc, KeyboardInterrupt)
+        and not exc.args
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
 
 
 def run_task(task: bytes) -> bytes:
@@ -104,34 +116,37 @@ def run_task(task: bytes) -> bytes:
     encoded in the result so the worker survives and the caller gets them.
     """
     started = time.perf_counter()
-    version, serializer_name, fn_digest, fn_bytes, items_bytes, star, stop_on_error = pickle.loads(
-        task
-    )
-    if version != VERSION:
-        raise RuntimeError(f"task envelope version {version}, worker speaks {VERSION}")
-    serializer = get_serializer(serializer_name)
+    decoded = protocol.decode_task(task)
+    serializer = get_serializer(decoded.serializer)
     failures: list[Failure] = []
     try:
-        fn = _load_function(serializer, fn_digest, fn_bytes)
+        if decoded.fresh_fn:
+            fn: Callable[..., Any] = _FreshEachCall(serializer, decoded.fn_bytes)
+        else:
+            fn = _load_function(serializer, decoded)
         # Large arguments arrive as copy-on-write maps of the parent's shared memory;
         # ``reply`` sends large results back the same way (or in-band).
-        items, reply = shm.load_payload(serializer, items_bytes, private=True)
+        items, reply = shm.load_payload(serializer, decoded.items_bytes, private=True)
     except BaseException as exc:
-        failures.append((-1, *encode_exception(exc, serializer)))
-        return pickle.dumps((VERSION, None, failures, time.perf_counter() - started), 5)
+        if _interrupt_is_real(exc):
+            raise
+        return protocol.encode_load_failure(exc, serializer, time.perf_counter() - started)
 
     values: list[Any] = []
     _task_context.depth = getattr(_task_context, "depth", 0) + 1
     try:
-        _run_items(fn, items, star, stop_on_error, serializer, values, failures)
+        _run_items(fn, items, decoded.star, decoded.stop_on_error, serializer, values, failures)
     finally:
         _task_context.depth -= 1
+    del items, fn
     seconds = time.perf_counter() - started
     try:
         values_bytes = reply.dumps(serializer, values)
-    except Exception:
+    except BaseException as exc:
+        if _interrupt_is_real(exc):
+            raise
         values_bytes, failures = _salvage_results(values, failures, serializer)
-    return pickle.dumps((VERSION, values_bytes, failures, seconds), 5)
+    return protocol.encode_result(values_bytes, failures, seconds)
 
 
 def _run_items(
@@ -154,12 +169,13 @@ def _run_items(
             else:
                 for item in items[position:] if position else items:
                     append(fn(item))
-        except (KeyboardInterrupt, GeneratorExit):
-            raise
         except BaseException as exc:
-            # SystemExit included: a task that calls sys.exit() failed, the worker did not.
+            # SystemExit and the task's own KeyboardInterrupt included: the task
+            # failed, the worker did not.
+            if _interrupt_is_real(exc):
+                raise
             position = len(values)
-            failures.append((position, *encode_exception(exc, serializer)))
+            failures.append((position, *protocol.encode_exception(exc, serializer)))
             append(None)
             if stop_on_error:
                 break
@@ -169,7 +185,12 @@ def _run_items(
 def _salvage_results(
     values: list[Any], failures: list[Failure], serializer: Serializer
 ) -> tuple[bytes, list[Failure]]:
-    """Some result did not serialize: replace each bad one with a SerializationError."""
+    """Some result did not serialize: replace each bad one with its failure.
+
+    An ordinary exception becomes a SerializationError naming the result; a
+    SystemExit (or other BaseException) raised while pickling travels back as
+    itself, as ``ProcessPoolExecutor`` does.
+    """
     from procession.serialization.diagnostics import diagnose
 
     failed_positions = {f[0] for f in failures}
@@ -181,8 +202,11 @@ def _salvage_results(
         try:
             serializer.dumps(value)
         except Exception as exc:
-            error = diagnose(value, serializer, root="result", exc=exc)
-            failures.append((position, *encode_exception(error, serializer)))
+            error: BaseException = diagnose(value, serializer, root="result", exc=exc)
+            failures.append((position, *protocol.encode_exception(error, serializer)))
+            kept.append(None)
+        except BaseException as exc:
+            failures.append((position, *protocol.encode_exception(exc, serializer)))
             kept.append(None)
         else:
             kept.append(value)
