@@ -301,8 +301,8 @@ def _oob_dumps(serializer: Serializer, obj: Any, collector: _Collector) -> bytes
     dumps: Any = serializer.dumps  # the built-ins take buffer_callback=
     payload: bytes = dumps(obj, buffer_callback=collector)
     if len(payload) >= collector.threshold:
-        # The C pickler never asks reducer_override about exact bytes objects, so
-        # large bytes stay in-band; wrap the ones in plain containers and re-dump.
+        # The C pickler never asks reducer_override about exact bytes and bytearray
+        # objects, so they stay in-band; wrap those in plain containers and re-dump.
         wrapped, changed = _wrap_large_bytes(obj, collector.threshold, depth=4)
         if changed:
             collector.large.clear()
@@ -312,20 +312,21 @@ def _oob_dumps(serializer: Serializer, obj: Any, collector: _Collector) -> bytes
 
 
 class _LargeBytes:
-    """A ``bytes`` object that pickles with its buffer out of band."""
+    """A ``bytes`` or ``bytearray`` that pickles with its buffer out of band."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return (bytes, (pickle.PickleBuffer(self.data),))
+        # bytes(buffer) / bytearray(buffer): one copy out of the mapping, as they own memory.
+        return (type(self.data), (pickle.PickleBuffer(self.data),))
 
 
 def _wrap_large_bytes(obj: Any, threshold: int, depth: int) -> tuple[Any, bool]:
     cls = type(obj)
-    if cls is bytes:
+    if cls is bytes or cls is bytearray:
         return (_LargeBytes(obj), True) if len(obj) >= threshold else (obj, False)
     if depth == 0:
         return obj, False
