@@ -583,3 +583,25 @@ def test_no_segment_left_in_any_directory() -> None:
         for path in glob.glob(os.path.join(directory, shm.owner_prefix() + "*"))
     ]
     assert leftovers == []
+
+
+def test_check_command_lists_out_of_band_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from procession.cli import cli
+
+    (tmp_path / "bigdata_for_check.py").write_text(
+        "import numpy as np\nBIG = {'weights': np.zeros(300_000), 'n': 3}\nSMALL = [1, 2]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    big = runner.invoke(cli, ["check", "bigdata_for_check:BIG"])
+    assert big.exit_code == 0, big.output
+    assert "out-of-band on process backends (threshold 1.0 MiB): 1 part(s), 2.3 MiB" in big.output
+    assert "shared memory" in big.output and "shape=(300000,)" in big.output
+    small = runner.invoke(cli, ["check", "bigdata_for_check:BIG", "--threshold", "4MiB"])
+    assert "out-of-band: nothing" in small.output
+    plain = runner.invoke(cli, ["check", "bigdata_for_check:SMALL"])
+    assert "out-of-band: nothing" in plain.output
