@@ -459,6 +459,33 @@ def test_buffer_types_round_trip_through_workers(process_backend_name: str) -> N
         assert type(back[2]) is memoryview and back[2].tobytes() == payload
 
 
+def arrow_summary(value: Any) -> tuple[str, int]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(value, pa.Table):
+        return "Table", int(pc.sum(value.column("x")).as_py())
+    return type(value).__name__, len(value.to_pybytes())
+
+
+def test_pyarrow_buffers_and_tables_round_trip(
+    process_backend_name: str, parent_writes: list[int]
+) -> None:
+    import pyarrow as pa  # a dev dependency
+
+    buffer = pa.py_buffer(os.urandom(2 * MiB))
+    table = pa.table({"x": np.arange(MiB // 4, dtype=np.int64)})
+    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+        seen = list(executor.map(arrow_summary, [buffer, table]))
+        assert seen == [("Buffer", 2 * MiB), ("Table", int(np.arange(MiB // 4).sum()))]
+        if _same_machine(process_backend_name):
+            assert sorted(parent_writes) == [2 * MiB, 2 * MiB]  # both out of band
+        (back,) = executor.map(echo, [table])
+        assert back.equals(table)
+        (raw,) = executor.map(echo, [buffer])
+        assert raw.equals(buffer)
+
+
 def test_memmap_reaches_workers_by_name(process_backend_name: str, tmp_path: Path) -> None:
     mapped = np.memmap(tmp_path / "a.bin", dtype=np.float64, mode="w+", shape=(MiB,))
     mapped[:] = np.arange(MiB)
