@@ -518,6 +518,25 @@ def test_worker_sigkill_leaves_no_segment(crash_backend: str) -> None:
         list(executor.map(die_holding, [np.zeros(MiB // 4)] * 2))
 
 
+def test_large_results_of_small_calls_come_back_through_shared_memory(
+    process_backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adopted: list[int] = []
+    real = arena_module.map_segment
+
+    def counting(path: str, nbytes: int, *, private: bool) -> Any:
+        if not private:
+            adopted.append(nbytes)
+        return real(path, nbytes, private=private)
+
+    monkeypatch.setattr(arena_module, "map_segment", counting)
+    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+        (first,) = executor.map(make_large, [2 * MiB])
+        second = executor.submit(make_large, 2 * MiB).result(timeout=60)
+    assert first.sum() == second.sum() == 7.0 * (2 * MiB // 8)
+    assert adopted == ([2 * MiB] * 2 if _same_machine(process_backend_name) else [])
+
+
 def test_results_abandoned_mid_map_leave_no_segment(process_backend_name: str) -> None:
     with procession.Executor(backend=process_backend_name, workers=2) as executor:
         run = executor.map(make_large, [2 * MiB] * 8, chunksize=1)

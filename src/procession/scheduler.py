@@ -649,7 +649,8 @@ def submit_call(
     try:
         encoded = encode_function(fn, serializer, role="submit", arena=arena)
         try:
-            items_bytes = arena.dumps(serializer, [(args, kwargs)], pin=True)
+            # Leased, not pinned: the whole arena closes with this call.
+            items_bytes, _ = arena.dumps_leased(serializer, [(args, kwargs)])
         except Exception as exc:
             raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
     except SerializationError as error:

@@ -247,9 +247,20 @@ def map_segment(path: str, nbytes: int, *, private: bool) -> mmap.mmap:
 # -- the payload format ---------------------------------------------------------
 
 
-def _pack(reply: tuple[str, tuple[str, str], int] | None, refs: list[Ref], payload: bytes) -> bytes:
+def _header(reply: tuple[str, tuple[str, str], int] | None, refs: list[Ref]) -> bytes:
     header = pickle.dumps((reply, refs), 5)
-    return b"".join((MAGIC, _HEADER.pack(len(header)), header, payload))
+    return MAGIC + _HEADER.pack(len(header)) + header
+
+
+def _pack(
+    reply: tuple[str, tuple[str, str], int] | None,
+    refs: list[Ref],
+    payload: bytes,
+    empty: bytes | None = None,
+) -> bytes:
+    # ``empty``: the header for no refs, made once per map (small tasks pay nothing more).
+    header = empty if (empty is not None and not refs) else _header(reply, refs)
+    return header + payload
 
 
 def _unpack(data: bytes) -> tuple[tuple[str, tuple[str, str], int] | None, list[Ref], memoryview]:
@@ -445,6 +456,7 @@ class Arena(InBand):
         self.prefix = f"{owner.prefix}{next(owner.maps)}-"
         self.directories = _directories()
         self._reply = (self.prefix, self.directories, threshold)
+        self._empty_header = _header(self._reply, [])
         self._count = itertools.count()
         self._lock = threading.Lock()
         # (address, nbytes) -> segment, so the same array is written once per map.
@@ -454,7 +466,13 @@ class Arena(InBand):
     def dumps(self, serializer: Serializer, obj: Any, *, pin: bool = False) -> bytes:
         """Serialize ``obj``; with ``pin`` its segments live until :meth:`close`."""
         data, lease = self.dumps_leased(serializer, obj)
-        if pin and lease is not None:
+        if lease is None:
+            return data
+        if not lease.segments:
+            # Plain serializer bytes: the same function pickles to the same bytes (and
+            # digest) in every map, so workers and the chunker recognise it.
+            return data[len(self._empty_header) :]
+        if pin:
             for segment in lease.segments:
                 segment.pinned = True
         return data
@@ -473,7 +491,7 @@ class Arena(InBand):
             self.release(lease)
             raise
         refs = [(segment.path, segment.nbytes) for segment in lease.segments]
-        return _pack(self._reply, refs, payload), lease
+        return _pack(self._reply, refs, payload, self._empty_header), lease
 
     def _segment_for(self, buffer: pickle.PickleBuffer) -> _Segment:
         raw = buffer.raw()
@@ -589,6 +607,8 @@ class Reply(InBand):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise
+        if not refs:
+            return payload  # nothing out of band: the parent reads plain serializer bytes
         return _pack(None, refs, payload)
 
 
