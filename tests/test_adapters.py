@@ -196,7 +196,10 @@ def test_sqlite_in_process_backends_get_a_connection_per_thread(
     conn = sqlite3.connect(database)
     try:
         pairs = [(conn, n) for n in range(40)]
-        out = list(procession.map(lookup_pair, pairs, backend=backend, workers=3, chunksize=1))
+        workers = 1 if backend == "serial" else 3
+        out = list(
+            procession.map(lookup_pair, pairs, backend=backend, workers=workers, chunksize=1)
+        )
         assert [square for square, *_ in out] == [n * n for n in range(40)]
         per_thread: dict[int, set[int]] = {}
         for _, _, thread, conn_id in out:
@@ -206,7 +209,7 @@ def test_sqlite_in_process_backends_get_a_connection_per_thread(
         # Inside the mapped function the connection is decoded once per process
         # and shared by the threads (SQLite's serialized mode makes that safe).
         task = functools.partial(lookup, conn)
-        out = list(procession.map(task, range(40), backend=backend, workers=3, chunksize=1))
+        out = list(procession.map(task, range(40), backend=backend, workers=workers, chunksize=1))
         assert [square for square, *_ in out] == [n * n for n in range(40)]
     finally:
         conn.close()
@@ -438,8 +441,21 @@ def setting_of(gadget: Gadget) -> int:
     return gadget.setting
 
 
-def test_user_adapter_applies_under_every_serializer(local_backend: str) -> None:
+@pytest.fixture
+def scoped_adapters() -> Iterator[list[Any]]:
+    """Types a test registers adapters for (append them): unregistered afterwards,
+    so no test leaves a global adapter behind for the next."""
+    registered: list[Any] = []
+    yield registered
+    for type_ in registered:
+        procession.unregister_adapter(type_)
+
+
+def test_user_adapter_applies_under_every_serializer(
+    local_backend: str, scoped_adapters: list[Any]
+) -> None:
     procession.register_adapter(Gadget, reduce_gadget)
+    scoped_adapters.append(Gadget)
     procession.register_adapter(Gadget, reduce_gadget)  # the same twice: harmless
     with pytest.raises(ValueError, match="already registered"):
         procession.register_adapter(Gadget, lambda g: procession.Recipe(rebuild_gadget, 0))
@@ -452,8 +468,9 @@ def test_user_adapter_applies_under_every_serializer(local_backend: str) -> None
         assert out == [4, 5]
 
 
-def test_adapter_registered_by_type_name() -> None:
+def test_adapter_registered_by_type_name(scoped_adapters: list[Any]) -> None:
     procession.register_adapter(f"{__name__}.NamedThing", reduce_named)
+    scoped_adapters.append(f"{__name__}.NamedThing")
     serializer = get_serializer("pickle")
     assert serializer.loads(serializer.dumps(NamedThing())) == "named"
     with pytest.raises(ValueError, match="QualName"):
@@ -470,8 +487,9 @@ class Odd:
     pass
 
 
-def test_adapter_must_return_a_recipe() -> None:
+def test_adapter_must_return_a_recipe(scoped_adapters: list[Any]) -> None:
     procession.register_adapter(Odd, not_a_recipe)
+    scoped_adapters.append(Odd)
     with pytest.raises(procession.SerializationError, match=r"not a procession\.Recipe"):
         procession.check_picklable(Odd(), "pickle")
 
@@ -484,8 +502,9 @@ def broken_reduce(_: Fragile) -> procession.Recipe[Fragile]:
     raise ValueError("adapter bug")
 
 
-def test_failing_adapter_is_named_in_the_error() -> None:
+def test_failing_adapter_is_named_in_the_error(scoped_adapters: list[Any]) -> None:
     procession.register_adapter(Fragile, broken_reduce)
+    scoped_adapters.append(Fragile)
     with pytest.raises(procession.SerializationError) as info:
         procession.check_picklable({"f": Fragile()}, "cloudpickle")
     message = str(info.value)

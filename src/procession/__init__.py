@@ -32,10 +32,12 @@ _EXPORTS: dict[str, str] = {
     "Serializer": "procession.serialization.serializers",
     "register_serializer": "procession.serialization.serializers",
     "register_adapter": "procession.serialization.adapters",
+    "unregister_adapter": "procession.serialization.adapters",
     "check_picklable": "procession.serialization.diagnostics",
     "ProcessionError": "procession.errors",
     "SerializationError": "procession.errors",
     "WorkerCrashedError": "procession.errors",
+    "WorkerMemoryError": "procession.errors",
     "TaskTimeoutError": "procession.errors",
     "BackendUnavailableError": "procession.errors",
     "PipelineError": "procession.errors",
@@ -58,6 +60,7 @@ __all__ = [
     "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "__version__",
     "available_backends",
     "check_picklable",
@@ -67,6 +70,7 @@ __all__ = [
     "register_backend",
     "register_serializer",
     "serializers",
+    "unregister_adapter",
 ]
 
 if TYPE_CHECKING:
@@ -86,9 +90,10 @@ if TYPE_CHECKING:
         SerializationError,
         TaskTimeoutError,
         WorkerCrashedError,
+        WorkerMemoryError,
     )
     from procession.pipeline import Pipeline
-    from procession.serialization.adapters import register_adapter
+    from procession.serialization.adapters import register_adapter, unregister_adapter
     from procession.serialization.diagnostics import check_picklable
     from procession.serialization.recipes import Recipe
     from procession.serialization.serializers import Serializer, register_serializer

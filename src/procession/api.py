@@ -17,7 +17,8 @@ from typing import Any, ParamSpec, TypeVar
 from procession import pools
 from procession.backends.base import Backend
 from procession.backends.registry import create_backend
-from procession.scheduler import MapRun, OnError, settle_future, submit_call
+from procession.options import MapOptions, OnError, check_workers
+from procession.scheduler import MapRun, settle_future, submit_call
 from procession.serialization.serializers import Serializer, get_serializer
 from procession.worker import encode_setup
 
@@ -35,19 +36,9 @@ def default_backend_name() -> str:
     return os.environ.get(BACKEND_ENV_VAR) or DEFAULT_BACKEND
 
 
-def _check_workers(workers: Any) -> int | None:
-    if workers is None:
-        return None
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"workers must be a positive int or None, got {workers!r}")
-    if workers <= 0:
-        raise ValueError(f"workers must be a positive int or None, got {workers}")
-    return workers
-
-
 def resolve_backend(backend: str | Backend | None, workers: int | None) -> Backend:
     """A shared, warm backend for a name (or the instance given)."""
-    workers = _check_workers(workers)
+    workers = check_workers(workers)
     if isinstance(backend, Backend):
         if workers is not None and workers != backend.workers:
             raise ValueError(
@@ -94,18 +85,21 @@ def map(
     replace the worker), ``retries`` re-runs items lost to a crashed worker,
     ``on_error="return"`` yields exceptions in place instead of raising.
     """
-    chosen = resolve_backend(backend, workers)
-    run = MapRun(
-        chosen,
-        fn,
-        iterable,
-        serializer=get_serializer(serializer, chosen.default_serializer),
+    options = MapOptions(
         chunksize=chunksize,
         ordered=ordered,
         timeout=timeout,
         retries=retries,
         on_error=on_error,
         progress=progress,
+    )
+    chosen = resolve_backend(backend, workers)
+    run = MapRun(
+        chosen,
+        fn,
+        iterable,
+        serializer=get_serializer(serializer, chosen.default_serializer),
+        options=options,
         on_abort=None if isinstance(backend, Backend) else lambda: pools.forget_shared_pool(chosen),
     )
     return run
@@ -124,7 +118,8 @@ class Executor(futures.Executor):
     Accepts ``ProcessPoolExecutor``'s arguments too (``max_workers``,
     ``mp_context``, ``initializer``, ``initargs``, ``max_tasks_per_child``), so
     ``from procession import Executor as ProcessPoolExecutor`` works.  Workers
-    are reused across calls.
+    are reused across calls.  ``memory_limit=``, ``threads_per_worker=`` and
+    ``env=`` control each worker's resources (see docs/resources.md).
     """
 
     def __init__(
@@ -138,13 +133,20 @@ class Executor(futures.Executor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
+        memory_limit: int | str | None = None,
+        threads_per_worker: int | str | None = "auto",
+        env: dict[str, str] | None = None,
     ) -> None:
         if isinstance(backend, int) and not isinstance(backend, bool):
             # ProcessPoolExecutor(4): the first positional argument is max_workers.
             backend, max_workers = None, backend
         if workers is not None and max_workers is not None and workers != max_workers:
             raise ValueError(f"workers={workers} and max_workers={max_workers} disagree; pass one")
-        count = _check_workers(workers if workers is not None else max_workers)
+        count = (
+            check_workers(workers)
+            if workers is not None
+            else check_workers(max_workers, name="max_workers")
+        )
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
         self._lock = threading.Lock()
@@ -156,9 +158,16 @@ class Executor(futures.Executor):
                     f"workers={count} conflicts with the backend instance's {backend.workers} "
                     f"workers; pass workers= to create_backend() instead"
                 )
-            if initializer is not None or mp_context is not None or max_tasks_per_child:
+            resources = memory_limit is not None or threads_per_worker != "auto" or env
+            if (
+                initializer is not None
+                or mp_context is not None
+                or max_tasks_per_child
+                or resources
+            ):
                 raise ValueError(
-                    "initializer=, mp_context= and max_tasks_per_child= configure new workers; "
+                    "initializer=, mp_context=, max_tasks_per_child=, memory_limit=, "
+                    "threads_per_worker= and env= configure new workers; "
                     "give them to create_backend() instead of passing a backend instance"
                 )
             self._backend = backend
@@ -183,6 +192,14 @@ class Executor(futures.Executor):
             options["start_method"] = mp_context.get_start_method()
         if max_tasks_per_child is not None:
             options["max_tasks_per_worker"] = max_tasks_per_child
+        # Resource options (docs/resources.md): only the ones set, so that a backend
+        # without them still works; create_backend refuses those it cannot honour.
+        if memory_limit is not None:
+            options["memory_limit"] = memory_limit
+        if threads_per_worker != "auto":
+            options["threads_per_worker"] = threads_per_worker
+        if env is not None:
+            options["env"] = env
         try:
             self._backend = create_backend(name, **options)
         except TypeError as exc:
@@ -231,6 +248,14 @@ class Executor(futures.Executor):
         Several iterables are zipped and their items passed as positional
         arguments, as with the builtin ``map``.  ``timeout`` is per item.
         """
+        options = MapOptions(
+            chunksize=chunksize,
+            ordered=ordered,
+            timeout=timeout,
+            retries=retries,
+            on_error=on_error,
+            progress=progress,
+        )
         self._check_open()
         if not iterables:
             raise TypeError("Executor.map() needs at least one iterable")
@@ -244,12 +269,7 @@ class Executor(futures.Executor):
             source,
             serializer=self._serializer if serializer is None else get_serializer(serializer),
             star=star,
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            retries=retries,
-            on_error=on_error,
-            progress=progress,
+            options=options,
             on_abort=self.kill_workers,
         )
         return run

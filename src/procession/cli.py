@@ -3,7 +3,7 @@
     procession demo                      both workloads, parallel against sequential
     procession run palindromes|sieve     one workload, with --backend/--workers/--progress
     procession backends                  every registered backend: usable?, capabilities
-    procession bench                     backends side by side (table, --json FILE)
+    procession bench                     backends side by side (table, --json FILE, --plot FILE)
     procession check MODULE:ATTR         why an object does not pickle, and the fix
 
 Errors a user can fix (an unknown backend, a bad option, a missing
@@ -339,6 +339,7 @@ def run(
 def backends(as_json: bool) -> None:
     """Every registered backend (built-in and plug-in) and whether it is usable here."""
     from procession.api import default_backend_name
+    from procession.backends._resources import RESOURCE_OPTIONS
     from procession.backends.registry import available_backends
 
     infos = available_backends()
@@ -354,6 +355,10 @@ def backends(as_json: bool) -> None:
                 "install_hint": info.install_hint,
                 "error": info.error,
                 "default": name == default,
+                # The resource options (memory_limit=, threads_per_worker=, env=) it accepts.
+                "resources": [n for n in RESOURCE_OPTIONS if getattr(info.capabilities, n)]
+                if info.capabilities
+                else None,
             }
             for name, info in infos.items()
         }
@@ -362,9 +367,11 @@ def backends(as_json: bool) -> None:
     rows = []
     for name, info in infos.items():
         if info.capabilities is None:
-            caps = "?"
+            caps = resources = "?"
         else:
-            caps = ", ".join(info.capabilities.names()) or "in-process"
+            names = info.capabilities.names()
+            caps = ", ".join(n for n in names if n not in RESOURCE_OPTIONS) or "in-process"
+            resources = ", ".join(n for n in names if n in RESOURCE_OPTIONS) or "-"
         if info.usable:
             note = f"serializer {info.default_serializer}" if info.default_serializer else ""
         else:
@@ -372,8 +379,11 @@ def backends(as_json: bool) -> None:
             if info.install_hint:
                 note = f"install: {info.install_hint} ({note})"
         label = f"{name} (default)" if name == default else name
-        rows.append([label, "yes" if info.usable else "no", caps or "-", info.origin, note])
-    click.echo(_table(["backend", "usable", "capabilities", "origin", "notes"], rows, right=set()))
+        rows.append(
+            [label, "yes" if info.usable else "no", caps or "-", resources, info.origin, note]
+        )
+    headers = ["backend", "usable", "capabilities", "resource options", "origin", "notes"]
+    click.echo(_table(headers, rows, right=set()))
 
 
 # -- bench ----------------------------------------------------------------------
@@ -502,6 +512,14 @@ def _bench_sequential(
     default=None,
     help="Also write the measurements as JSON to this file ('-' for stdout).",
 )
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also draw the comparison as bar charts to this image file (.png, .svg, .pdf); "
+    "needs matplotlib: pip install 'procession[plot]'.",
+)
 def bench(
     names: str | None,
     workers: int | None,
@@ -511,15 +529,22 @@ def bench(
     tasks: int | None,
     repeat: int | None,
     json_path: str | None,
+    plot_path: str | None,
 ) -> None:
     """Backends side by side on the workloads and a per-task-overhead case.
 
     Each backend gets its own pool, started before the clock runs; the
     sequential row is the same kernels in this process.  The overhead case maps
     an identity function over --tasks items one task each: seconds / tasks is
-    the round-trip cost per task.
+    the round-trip cost per task.  --plot draws per-task overhead and the
+    speed-ups as bar charts (matplotlib).
     """
     from procession.backends.registry import available_backends
+
+    if plot_path is not None:
+        from procession._plot import require_matplotlib
+
+        require_matplotlib()  # before the benchmark runs, not after
 
     sizes = dict(QUICK_SIZES if quick else BENCH_SIZES)
     for key, value in (("words", words), ("limit", limit), ("tasks", tasks)):
@@ -581,15 +606,15 @@ def bench(
     for line in errors:
         click.echo(f"error: {line}")
 
+    payload = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "sizes": sizes,
+        "repeat": repeat,
+        "measurements": [asdict(m) for m in measurements],
+    }
     if json_path is not None:
-        payload = {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "sizes": sizes,
-            "repeat": repeat,
-            "measurements": [asdict(m) for m in measurements],
-        }
         text = json.dumps(payload, indent=2)
         if json_path == "-":
             click.echo(text)
@@ -597,6 +622,11 @@ def bench(
             with open(json_path, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
             click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        from procession._plot import save_bench_plot
+
+        save_bench_plot(payload, plot_path)
+        click.echo(f"wrote {plot_path}")
     if errors:
         sys.exit(1)
 

@@ -25,6 +25,7 @@ __all__ = [
     "SerializationError",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
 ]
 
 
@@ -109,11 +110,66 @@ class WorkerCrashedError(ProcessionError, BrokenExecutor):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_crash_error, (str(self), self.exitcode, self.items))
 
+    def with_context(self, message: str, *, items: tuple[int, ...]) -> WorkerCrashedError:
+        """The same error (same class and details) with a new message and lost items.
+
+        The scheduler uses it to add the input positions to a backend's error
+        without turning a subclass such as :class:`WorkerMemoryError` into its base.
+        """
+        copy = WorkerCrashedError(message, exitcode=self.exitcode, items=items)
+        copy.__cause__ = self.__cause__
+        return copy
+
 
 def _rebuild_crash_error(
     message: str, exitcode: int | None, items: tuple[int, ...]
 ) -> WorkerCrashedError:
     return WorkerCrashedError(message, exitcode=exitcode, items=items)
+
+
+class WorkerMemoryError(WorkerCrashedError):
+    """A worker went over its ``memory_limit=`` and was stopped and replaced.
+
+    Raised for the task it was running (after its ``retries=``, if any).
+    ``limit`` is the limit and ``size`` the resident memory reached, in bytes
+    (the worker with its child processes, as last sampled by the parent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        items: tuple[int, ...] = (),
+        limit: int | None = None,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(message, exitcode=exitcode, items=items)
+        self.limit = limit
+        self.size = size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_memory_error,
+            (str(self), self.exitcode, self.items, self.limit, self.size),
+        )
+
+    def with_context(self, message: str, *, items: tuple[int, ...]) -> WorkerMemoryError:
+        copy = WorkerMemoryError(
+            message, exitcode=self.exitcode, items=items, limit=self.limit, size=self.size
+        )
+        copy.__cause__ = self.__cause__
+        return copy
+
+
+def _rebuild_memory_error(
+    message: str,
+    exitcode: int | None,
+    items: tuple[int, ...],
+    limit: int | None,
+    size: int | None,
+) -> WorkerMemoryError:
+    return WorkerMemoryError(message, exitcode=exitcode, items=items, limit=limit, size=size)
 
 
 class TaskTimeoutError(ProcessionError, FuturesTimeoutError):

@@ -51,11 +51,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
-from procession.api import _check_workers, resolve_backend
+from procession.api import resolve_backend
 from procession.backends.base import Backend
 from procession.errors import PipelineError, RemoteTraceback
+from procession.options import MapOptions, check_workers
 from procession.protocol import encode_function
-from procession.scheduler import IDLE, MapRun, TimedSource, validate_map_options
+from procession.scheduler import IDLE, MapRun, TimedSource
 from procession.serialization.serializers import Serializer, get_serializer
 
 __all__ = ["DEFAULT_MAXSIZE", "Pipeline", "PipelineRun"]
@@ -240,17 +241,11 @@ def _check_stage_options(
 ) -> None:
     """Reject what can be rejected before a backend is known (the rest at run())."""
     _check_backend(backend)
-    _check_workers(workers)
-    if chunksize != "auto" and (
-        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize <= 0
-    ):
-        raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
+    check_workers(workers)
     if ordered is not None and not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True, False or None (the run's choice), got {ordered!r}")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    # The same checks, and the same exceptions, as procession.map's.
+    MapOptions(chunksize=chunksize, timeout=timeout)  # type: ignore[arg-type]
 
 
 class _SourceState:
@@ -481,27 +476,21 @@ class _Plan:
     backend: Backend | None
     fn: Callable[..., Any] | None
     serializer: Serializer | None
-    ordered: bool
+    options: MapOptions
 
 
 def _plan(stage: _Stage, position: int, run_backend: str | Backend | None, ordered: bool) -> _Plan:
     where = stage.describe(position)
     if not stage.on_backend:
-        return _Plan(stage, where, None, stage.fn, None, True)
+        return _Plan(stage, where, None, stage.fn, None, MapOptions())
     assert stage.fn is not None
     chosen = resolve_backend(
         stage.backend if stage.backend is not None else run_backend, stage.workers
     )
     serializer = get_serializer(stage.serializer, chosen.default_serializer)
     stage_ordered = ordered if stage.ordered is None else stage.ordered
-    validate_map_options(
-        chunksize=stage.chunksize,
-        ordered=stage_ordered,
-        timeout=stage.timeout,
-        retries=0,
-        on_error="raise",
-        backend=chosen,
-    )
+    options = MapOptions(chunksize=stage.chunksize, ordered=stage_ordered, timeout=stage.timeout)
+    options.check_backend(chosen)
     fn: Callable[..., Any] = stage.fn
     if stage.kind == "filter":
         fn = _KeepIf(stage.fn)
@@ -511,7 +500,7 @@ def _plan(stage: _Stage, position: int, run_backend: str | Backend | None, order
     # backend cannot start; some backends (Ray) must also start in the main thread.
     encode_function(fn, serializer)
     chosen.start()
-    return _Plan(stage, where, chosen, fn, serializer, stage_ordered)
+    return _Plan(stage, where, chosen, fn, serializer, options)
 
 
 def _attach_traceback(exc: BaseException, where: str) -> BaseException:
@@ -653,9 +642,7 @@ class _Runner:
             plan.fn,
             source,
             serializer=plan.serializer,
-            chunksize=plan.stage.chunksize,
-            ordered=plan.ordered,
-            timeout=plan.stage.timeout,
+            options=plan.options,
         )
         with self.lock:
             self.runs[position] = run

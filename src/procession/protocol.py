@@ -95,14 +95,10 @@ def encode_function(
     from procession.serialization import adapters
     from procession.serialization.diagnostics import diagnose
 
-    track = getattr(adapters, "track_stateful_values", None)
     try:
-        if track is None:
-            data, fresh = arena.dumps(serializer, fn, pin=True), False
-        else:
-            with track() as seen:
-                data = arena.dumps(serializer, fn, pin=True)
-            fresh = seen.count > 0
+        with adapters.track_stateful_values() as seen:
+            data = arena.dumps(serializer, fn, pin=True)
+        fresh = seen.count > 0
     except Exception as exc:
         raise diagnose(fn, serializer, root="fn", exc=exc) from exc
     return EncodedFunction(digest(data), data, fresh)

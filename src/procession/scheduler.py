@@ -1,19 +1,25 @@
 """The scheduler: chunking, the in-flight window, ordering, retries, timeouts.
 
-It lives in the parent process and is written once for every backend.
+It lives in the parent process and is written once for every backend.  The
+options arrive validated (:mod:`procession.options`); the envelopes are made
+and read by :mod:`procession.protocol`; a backend only moves their bytes.
 
-    iterable ──► chunker ──► encode (serializer) ──► Backend.submit(task bytes)
-       ▲  lazy: read only while             │                 │
-       │  the window has room               │        TaskFuture[result bytes]
-       │                                    ▼                 ▼
-    consumer ◄── emit (ordered: by input position; ◄── decode, retry lost
-                 unordered: as chunks complete)        chunks, enforce timeout=
+    iterable ──► read a chunk ──► protocol.encode_task ──► Backend.submit(task bytes)
+       ▲  full, or what came in               │                   │
+       │  LINGER_SECONDS (slow sources)       │          TaskFuture[result bytes]
+       │  only while the window has room      ▼                   ▼
+    consumer ◄── emit (ordered: by input  ◄── protocol.decode_result; crashed chunks
+                 position; unordered: as      go back item by item for retries=
+                 chunks complete)             (always sent, window or not); kill
+                                              tasks over timeout=
 
 The window bounds chunks that are submitted or finished-but-not-yet-emitted,
 so memory stays flat for an input of any length, and a slow consumer throttles
 reading.  ``chunksize="auto"`` grows chunks until each takes about
 ``TARGET_CHUNK_SECONDS`` of worker time, and never makes them so large that
-the tail of a known-length input starves workers.
+the tail of a known-length input starves workers.  An input given as a
+:class:`TimedSource` (a Pipeline stage's channel) is never waited on while
+results are due; :meth:`MapRun.abort` stops a run from any thread.
 """
 
 from __future__ import annotations
@@ -28,17 +34,19 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from procession import protocol
-from procession.backends.base import Backend, TaskFuture
+from procession.backends.base import Backend, TaskFuture, settle_future
 from procession.errors import (
     SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from procession.options import MapOptions
 from procession.protocol import encode_function
 from procession.serialization import shm
+from procession.serialization.adapters import track_stateful_values
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
 
@@ -48,11 +56,8 @@ __all__ = [
     "TimedSource",
     "settle_future",
     "submit_call",
-    "validate_map_options",
 ]
 
-OnError = Literal["raise", "return"]
-ON_ERROR_CHOICES = ("raise", "return")
 TARGET_CHUNK_SECONDS = 0.02
 # How much a chunk may grow from one measurement to the next: one odd first
 # item must not produce a huge chunk.
@@ -103,44 +108,6 @@ class TimedSource(ABC):
                 return
             if item is not IDLE:
                 yield item
-
-
-def validate_map_options(
-    *,
-    chunksize: int | str,
-    ordered: bool,
-    timeout: float | None,
-    retries: int,
-    on_error: str,
-    backend: Backend,
-) -> None:
-    """Reject bad options at call time, naming the bad value and the valid ones."""
-    if chunksize != "auto":
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise TypeError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
-        if chunksize <= 0:
-            raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize}")
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {ordered!r}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if not backend.capabilities.kill:
-            raise ValueError(
-                f"backend {backend.name!r} cannot stop a running task, so it cannot honour "
-                f"timeout={timeout}; use a process backend (backend='process') or drop timeout="
-            )
-        if chunksize not in ("auto", 1):
-            raise ValueError(
-                f"timeout= is per item, so items are sent one at a time; "
-                f"use chunksize='auto' or 1 with it, not {chunksize}"
-            )
 
 
 @dataclass
@@ -227,22 +194,16 @@ class MapRun:
         *,
         serializer: Serializer,
         star: bool = False,
-        chunksize: int | str = "auto",
-        ordered: bool = True,
-        timeout: float | None = None,
-        retries: int = 0,
-        on_error: OnError = "raise",
-        progress: bool = False,
+        options: MapOptions | None = None,
         on_abort: Callable[[], None] | None = None,
+        **option_values: Any,
     ) -> None:
-        validate_map_options(
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            retries=retries,
-            on_error=on_error,
-            backend=backend,
-        )
+        if options is None:
+            options = MapOptions(**option_values)
+        elif option_values:
+            raise TypeError("pass either options= or option keywords to MapRun, not both")
+        options.check_backend(backend)
+        self.options = options
         self._timed: TimedSource | None = iterable if isinstance(iterable, TimedSource) else None
         try:
             self._source: Iterator[Any] = iter(iterable)
@@ -251,6 +212,7 @@ class MapRun:
                 f"map() needs an iterable of inputs, got {type(iterable).__name__}"
             ) from None
         self._source_idle = False
+        self._source_slow = False  # the last read stopped at the linger time
         self._length: int | None
         try:
             self._length = len(iterable)  # type: ignore[arg-type]
@@ -267,14 +229,15 @@ class MapRun:
             raise
         self._run_id = protocol.new_run_id()
         self._star = star
-        fixed = 1 if timeout is not None else (None if chunksize == "auto" else int(chunksize))
-        self._chunker = AutoChunker(fixed, backend.workers, self._length, self._fn.digest)
-        self._ordered = ordered
-        self._timeout = timeout
-        self._retries = retries
-        self._stop_on_error = on_error == "raise"
+        self._chunker = AutoChunker(
+            options.fixed_chunksize, backend.workers, self._length, self._fn.digest
+        )
+        self._ordered = options.ordered
+        self._timeout = options.timeout
+        self._retries = options.retries
+        self._stop_on_error = options.on_error == "raise"
         self._window = max(2 * backend.workers, 2)
-        self._progress = progress
+        self._progress = options.progress
         self._on_abort = on_abort
         self._consumed = 0
         self._exhausted = False
@@ -335,7 +298,7 @@ class MapRun:
         """
         size = self._chunker.next_size(self._consumed)
         items: list[Any] = []
-        self._source_idle = False
+        self._source_idle = self._source_slow = False
         try:
             # extend() keeps the items read before the source raised.
             if self._timed is not None:
@@ -369,9 +332,13 @@ class MapRun:
             items.extend(itertools.islice(self._source, want))
             if len(items) - before < want:
                 return True
-            if time.monotonic() - started >= LINGER_SECONDS:
+            elapsed = time.monotonic() - started
+            if elapsed >= LINGER_SECONDS:
+                self._source_slow = True
                 return False
-            step *= 2
+            # Grow the slice, but not past what the source delivers in the time left.
+            affordable = len(items) / max(elapsed, 1e-9) * (LINGER_SECONDS - elapsed)
+            step = max(1, min(2 * step, int(affordable)))
         return False
 
     def _read_timed(self, items: list[Any], size: int, may_block: bool) -> bool:
@@ -396,7 +363,16 @@ class MapRun:
 
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
-            items_bytes, chunk.lease = self._arena.dumps_leased(self._serializer, chunk.items)
+            with track_stateful_values() as seen:
+                items_bytes, chunk.lease = self._arena.dumps_leased(self._serializer, chunk.items)
+            if seen.count and len(chunk.items) > 1:
+                # Pickle sends a repeated object once: the same generator given as
+                # two items would reach the second one used up.  Values with state
+                # travel one item per task, each rebuilt as it is in the parent.
+                self._arena.release(chunk.lease)
+                for offset, item in enumerate(chunk.items):
+                    self._send(Chunk(chunk.start + offset, [item], chunk.attempts), ready)
+                return
         except Exception as exc:
             if len(chunk.items) > 1:
                 # Find the culprit: send the others, fail only it.
@@ -556,12 +532,12 @@ class MapRun:
             while len(self._pending) + len(ready) < self._window:
                 if self._exhausted:
                     break
-                chunk = self._read_chunk(may_block=not self._pending)
+                chunk = self._read_chunk(may_block=not self._pending and not ready)
                 if chunk is None:
                     break
                 self._send(chunk, ready)
-                if self._source_idle:
-                    break
+                if self._source_idle or self._source_slow:
+                    break  # deliver what finished before waiting on the source again
 
             if self._ordered:
                 while next_index in ready:
@@ -583,6 +559,8 @@ class MapRun:
             if self._source_idle and not self._exhausted:
                 # The source may deliver meanwhile: look again soon.
                 timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+            elif self._source_slow and not self._exhausted:
+                timeout = 0.0  # reading the slow source is what paces the loop
             done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
@@ -614,13 +592,10 @@ def _span(chunk: Chunk) -> str:
 def _crash_for(chunk: Chunk, error: WorkerCrashedError, retries: int) -> WorkerCrashedError:
     tried = f" after {chunk.attempts + 1} attempts" if chunk.attempts else ""
     advice = "" if retries else "; pass retries=N to re-run items lost to a crash"
-    crash = WorkerCrashedError(
-        f"{error}; lost input items {_span(chunk)}{tried}{advice}",
-        exitcode=error.exitcode,
-        items=chunk.indices(),
+    # with_context keeps the error's class (WorkerMemoryError) and details.
+    return error.with_context(
+        f"{error}; lost input items {_span(chunk)}{tried}{advice}", items=chunk.indices()
     )
-    crash.__cause__ = error.__cause__
-    return crash
 
 
 def _progress_bar(total: int | None) -> Any:
@@ -722,23 +697,3 @@ def submit_call(
     task_future.add_start_callback(mark_running)
     task_future.add_done_callback(relay)
     return user_future
-
-
-def settle_future(
-    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
-) -> None:
-    """Finish a user's future unless it is done or cancelled already (first answer wins)."""
-    if future.done():
-        return
-    try:
-        if not future.running() and not future.set_running_or_notify_cancel():
-            return  # cancelled by the caller
-    except RuntimeError:
-        pass  # marked running concurrently by the task's start
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
-    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
-        pass

@@ -12,7 +12,7 @@ from procession_duckdb import database_of, reduce_connection
 
 import procession
 from procession import SerializationError
-from procession.serialization.adapters import find_reducer
+from procession.serialization.adapters import find_adapter, find_reducer
 
 # Tasks are defined inside the tests (sent by value): the workers cannot
 # import this test module.
@@ -37,6 +37,8 @@ def readonly(db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def test_registered_through_the_entry_point() -> None:
     assert find_reducer(type(duckdb.connect())) is reduce_connection
+    adapter = find_adapter(type(duckdb.connect()))
+    assert adapter is not None and adapter.kind == "resource"
 
 
 def test_database_path_comes_from_duckdb(

@@ -14,7 +14,7 @@ from procession_h5py import reduce_dataset, reduce_group
 
 import procession
 from procession import SerializationError
-from procession.serialization.adapters import find_reducer
+from procession.serialization.adapters import find_adapter, find_reducer
 
 # Tasks are defined inside the tests (sent by value): the workers cannot
 # import this test module.
@@ -40,6 +40,9 @@ def test_registered_through_the_entry_point() -> None:
     assert find_reducer(h5py.File) is reduce_group
     assert find_reducer(h5py.Group) is reduce_group
     assert find_reducer(h5py.Dataset) is reduce_dataset
+    # Resources: opened once per worker and shared, not rebuilt for every task.
+    kinds = {find_adapter(t).kind for t in (h5py.File, h5py.Dataset)}  # type: ignore[union-attr]
+    assert kinds == {"resource"}
 
 
 @pytest.mark.parametrize("backend", ["process", "threads"])

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count"]
+__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count", "settle_future"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,18 @@ class Capabilities:
     - ``crash_detection``: a dead worker fails its task with ``WorkerCrashedError``
       (rather than hanging), so ``retries=`` can re-run it.
     - ``remote``: workers may run on other machines.
+    - ``memory_limit``, ``threads_per_worker``, ``env``: the backend accepts the
+      resource option of that name (see ``procession.backends._resources``);
+      :func:`procession.create_backend` refuses a set option a backend lacks.
     """
 
     isolated: bool
     kill: bool
     crash_detection: bool
     remote: bool = False
+    memory_limit: bool = False
+    threads_per_worker: bool = False
+    env: bool = False
 
     def names(self) -> list[str]:
         return [name for name, value in vars(self).items() if value]
@@ -50,6 +56,13 @@ class TaskFuture(Future[bytes]):
     A backend calls :meth:`mark_started` when a worker actually begins the
     task (the scheduler measures ``timeout=`` from there) and may record the
     worker's identity in ``worker``.
+
+    Example (what a backend's ``submit`` returns; the scheduler reads it)::
+
+        future = procession.TaskFuture()
+        if future.set_running_or_notify_cancel():   # False: cancelled while queued
+            future.mark_started("worker-1")         # timeout= is measured from here
+            future.set_result(worker.run_task(task))
     """
 
     def __init__(self) -> None:
@@ -59,12 +72,33 @@ class TaskFuture(Future[bytes]):
         self._start_callbacks: list[Callable[[TaskFuture], object]] = []
 
     def mark_started(self, worker: Any = None) -> None:
+        """Record that a worker (``worker``: any identity) has begun this task, now."""
         with self._condition:
             self.started_at = time.monotonic()
             self.worker = worker
             callbacks, self._start_callbacks = self._start_callbacks, []
         for callback in callbacks:
             callback(self)
+
+    def settle(self, result: bytes | None = None, *, exc: BaseException | None = None) -> bool:
+        """Finish the task with ``result`` bytes or ``exc``: the first answer wins.
+
+        Safe to call from any thread, any number of times: a future already
+        done or cancelled is left as it is.  Returns whether this call settled it.
+
+        Example::
+
+            future.settle(exc=WorkerCrashedError("worker pid 12 was killed by SIGKILL"))
+        """
+        return settle_future(self, value=result, exc=exc)
+
+    def requeue(self) -> None:
+        """The task goes back to the queue (its worker died before it could answer,
+        through no fault of its own): forget its start, so ``timeout=`` counts
+        from its next start and :meth:`add_start_callback` callbacks fire again."""
+        with self._condition:
+            self.started_at = None
+            self.worker = None
 
     def add_start_callback(self, callback: Callable[[TaskFuture], object]) -> None:
         """Call ``callback(self)`` once a worker starts the task (at once if it has)."""
@@ -73,6 +107,31 @@ class TaskFuture(Future[bytes]):
                 self._start_callbacks.append(callback)
                 return
         callback(self)
+
+
+def settle_future(
+    future: Future[Any], *, value: Any = None, exc: BaseException | None = None
+) -> bool:
+    """Finish ``future`` unless it is done or cancelled already (first answer wins).
+
+    The one place where procession settles a future, a backend's
+    :class:`TaskFuture` or a user's ``concurrent.futures.Future``.
+    """
+    if future.done():
+        return False
+    try:
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return False  # cancelled by the caller
+    except RuntimeError:
+        pass  # marked running concurrently by the task's start
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except Exception:  # settled concurrently (cancelled or killed): keep the first answer
+        return False
+    return True
 
 
 def default_worker_count() -> int:

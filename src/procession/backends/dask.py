@@ -71,6 +71,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from procession import worker as runtime
+from procession.backends._resources import (
+    ResourceControl,
+    ThreadsOption,
+    WorkerSettings,
+    apply_once,
+)
 from procession.backends._worker_process import describe_exit
 from procession.backends.base import Backend, Capabilities, TaskFuture
 from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
@@ -158,8 +164,11 @@ def _report_start(topic: str, tag: int) -> None:
     )
 
 
-def _run_on_worker(task: bytes, token: str, tag: int, setup: bytes | None) -> bytes:
+def _run_on_worker(
+    task: bytes, token: str, tag: int, setup: bytes | None, resources: WorkerSettings | None = None
+) -> bytes:
     """The function every Dask task runs: setup once, report the start, run the task."""
+    apply_once(token, resources)  # env= and thread caps, once per worker process
     if setup is not None:
         _setup_once(token, setup)
     _report_start(TOPIC_PREFIX + token, tag)
@@ -195,7 +204,15 @@ class _Attempt:
 
 # Options of procession's process pools that have no Dask equivalent.
 _PROCESS_POOL_OPTIONS = frozenset({"start_method", "max_tasks_per_worker"})
-PROCESS_CAPABILITIES = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
+PROCESS_CAPABILITIES = Capabilities(
+    isolated=True,
+    kill=True,
+    crash_detection=True,
+    remote=True,
+    memory_limit=True,  # embedded cluster only: refused with address=/client=
+    threads_per_worker=True,
+    env=True,
+)
 # Workers that are threads of the caller's own process (``LocalCluster(processes=False)``):
 # nothing can be killed, and a crash would be the caller's.
 IN_PROCESS_CAPABILITIES = Capabilities(
@@ -252,9 +269,29 @@ class DaskBackend(Backend):
         address: str | None = None,
         client: Client | None = None,
         dashboard: bool | str = False,
+        memory_limit: int | str | None = None,
+        threads_per_worker: ThreadsOption = "auto",
+        env: dict[str, str] | None = None,
         **cluster_options: Any,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
+        # Resource options (docs/resources.md); "auto" thread caps only where we know
+        # the cores (embedded cluster); memory_limit only on workers we start.
+        self.resources = ResourceControl.resolve(
+            workers=self._workers,
+            memory_limit=memory_limit,
+            threads_per_worker=threads_per_worker,
+            env=env,
+            auto_threads=address is None and client is None,
+        )
+        self._worker_settings = self.resources.worker_settings()
+        if memory_limit is not None and (address is not None or client is not None):
+            raise ValueError(
+                f"memory_limit={memory_limit!r} applies to the workers of the embedded "
+                f"LocalCluster only; an existing cluster (address=/client=) sets its own "
+                f"workers' limit: start them with `dask worker --memory-limit SIZE`, or drop "
+                f"address=/client= to let procession start a LocalCluster"
+            )
         unsupported = sorted(set(cluster_options) & _PROCESS_POOL_OPTIONS)
         if unsupported:
             # TypeError: Executor turns it into "backend 'dask' does not accept these options".
@@ -386,6 +423,8 @@ class DaskBackend(Backend):
                 atexit.register(self._exit_hook)
             client.subscribe_topic(self._topic, self._on_started)
             self._client = client
+            if self._cluster is not None:
+                self.resources.watch(self)  # memory_limit=, and what a SIGKILL was about
 
     def _start_cluster(self) -> Any:
         import dask
@@ -421,9 +460,17 @@ class DaskBackend(Backend):
         }
         options.update(self._cluster_options)
         self._one_thread_workers = options["threads_per_worker"] == 1
+        config: dict[str, Any] = {"distributed.scheduler.allowed-failures": 0}
+        if self.resources.memory_limit is not None:
+            # Dask's workers know their budget; procession's watcher enforces it (a
+            # Dask pause could leave a task waiting forever, its own terminate would
+            # make a plain crash of what is a WorkerMemoryError).
+            options["memory_limit"] = self.resources.memory_limit
+            config["distributed.worker.memory.pause"] = False
+            config["distributed.worker.memory.terminate"] = False
         # allowed-failures=0: a task whose worker died fails at once, so that
         # procession's retries= (not Dask) decides whether it runs again.
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with dask.config.set(config):
             cluster = cluster_class(**options)
         _keep_nannies(cluster)
         return cluster
@@ -539,6 +586,7 @@ class DaskBackend(Backend):
                 self._token,
                 attempt.tag,
                 self.worker_setup,
+                self._worker_settings,
                 key=f"procession-{self._token[:8]}-{attempt.tag}",
                 pure=False,
             )
@@ -698,8 +746,9 @@ class DaskBackend(Backend):
         exitcode = self._exitcode(attempt.pid) if attempt.started else None
         if attempt.started:
             where = f"{describe_exit(attempt.pid, exitcode)} ({where})"
-        crash = WorkerCrashedError(
-            f"dask {where} while running a task; {detail}", exitcode=exitcode
+        # WorkerMemoryError when the memory watcher stopped it.
+        crash = self.resources.crash_error(
+            f"dask {where} while running a task; {detail}", pid=attempt.pid, exitcode=exitcode
         )
         crash.__cause__ = error
         return crash

@@ -67,6 +67,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from procession import worker as runtime
+from procession.backends._resources import (
+    ResourceControl,
+    ThreadsOption,
+    WorkerSettings,
+    apply_in_worker,
+)
 from procession.backends._worker_process import (
     deliver_output,
     describe_exit,
@@ -98,10 +104,14 @@ _streams: list[Any] = []
 
 
 def _init_worker(
-    setup: bytes | None, output_address: str | None = None, log_level: int = logging.WARNING
+    setup: bytes | None,
+    output_address: str | None = None,
+    log_level: int = logging.WARNING,
+    resources: WorkerSettings | None = None,
 ) -> None:
     """loky's initializer: never raises (loky would respawn the worker forever)."""
     global _init_failure
+    apply_in_worker(resources)  # env= and thread caps, before anything else runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     watch_parent()
@@ -344,7 +354,9 @@ class LokyBackend(Backend):
     (loky context name: ``"loky"`` (default), ``"loky_init_main"``, ``"spawn"``
     or ``"forkserver"``), ``forward_output`` (default True: workers'
     stdout/stderr lines and ``logging`` records reach the parent's streams and
-    loggers, tagged ``procession_worker`` with the worker pid).
+    loggers, tagged ``procession_worker`` with the worker pid), and the
+    resource options ``memory_limit``, ``threads_per_worker``, ``env``
+    (docs/resources.md).
 
     Example::
 
@@ -354,7 +366,14 @@ class LokyBackend(Backend):
     """
 
     name: ClassVar[str] = "loky"
-    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True)
+    capabilities = Capabilities(
+        isolated=True,
+        kill=True,
+        crash_detection=True,
+        memory_limit=True,
+        threads_per_worker=True,
+        env=True,
+    )
     default_serializer: ClassVar[str] = "cloudpickle"
 
     def __init__(
@@ -364,8 +383,18 @@ class LokyBackend(Backend):
         worker_setup: bytes | None = None,
         start_method: str | None = None,
         forward_output: bool = True,
+        memory_limit: int | str | None = None,
+        threads_per_worker: ThreadsOption = "auto",
+        env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
+        # Resource options: validated here, applied by the workers and the watcher.
+        self.resources = ResourceControl.resolve(
+            workers=self.workers,
+            memory_limit=memory_limit,
+            threads_per_worker=threads_per_worker,
+            env=env,
+        )
         methods = ("loky", "loky_init_main", "spawn", "forkserver")
         method = "loky" if start_method is None else start_method
         if method not in methods:
@@ -432,6 +461,7 @@ class LokyBackend(Backend):
             )
             self._dispatcher.start()
             _live_pools.add(self)
+            self.resources.watch(self)  # memory_limit=, and what a SIGKILL was about
 
     def _new_executor(self) -> _Generation:
         import loky
@@ -445,6 +475,7 @@ class LokyBackend(Backend):
                 self.worker_setup,
                 None if self._output is None else self._output.address,
                 logging.getLogger().getEffectiveLevel(),
+                self.resources.worker_settings(),
             ),
         )
         self._generations += 1
@@ -675,7 +706,10 @@ class LokyBackend(Backend):
                 if exitcode is not None
                 else f"worker pid {pid} died (loky reported: {str(error).splitlines()[0]})"
             )
-            crash = WorkerCrashedError(f"{what} while running a task", exitcode=exitcode)
+            # WorkerMemoryError when the memory watcher stopped it.
+            crash = self.resources.crash_error(
+                f"{what} while running a task", pid=pid, exitcode=exitcode
+            )
             crash.__cause__ = error
             crashed.append((record, crash))
         self._requeue_generation(generation)

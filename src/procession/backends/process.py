@@ -52,6 +52,12 @@ from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 from procession import worker as runtime
+from procession.backends._resources import (
+    ResourceControl,
+    ThreadsOption,
+    WorkerSettings,
+    apply_in_worker,
+)
 from procession.backends._worker_process import (
     INIT_FAILED,
     LOG,
@@ -90,7 +96,9 @@ def _worker_main(
     forward_output: bool,
     log_level: int,
     death_signal: bool,
+    resources: WorkerSettings | None = None,
 ) -> None:
+    apply_in_worker(resources)  # env= and thread caps, before anything else runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if death_signal:
         die_with_parent()
@@ -195,7 +203,8 @@ class ProcessBackend(Backend):
     Options: ``workers``, ``start_method`` ("forkserver", "spawn" or "fork"),
     ``max_tasks_per_worker`` (replace a worker after that many tasks),
     ``worker_setup`` (initializer bytes), ``forward_output`` (send workers'
-    stdout/stderr/logging to the parent; default True).
+    stdout/stderr/logging to the parent; default True), and the resource
+    options ``memory_limit``, ``threads_per_worker``, ``env`` (docs/resources.md).
 
     Example::
 
@@ -203,7 +212,14 @@ class ProcessBackend(Backend):
     """
 
     name: ClassVar[str] = "process"
-    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True)
+    capabilities = Capabilities(
+        isolated=True,
+        kill=True,
+        crash_detection=True,
+        memory_limit=True,
+        threads_per_worker=True,
+        env=True,
+    )
     default_serializer: ClassVar[str] = "cloudpickle"
     #: Whether spawn/forkserver workers re-run the parent's ``__main__`` (the
     #: standard library's behaviour); procession's own workers do not need to.
@@ -221,8 +237,18 @@ class ProcessBackend(Backend):
         start_method: str | None = None,
         max_tasks_per_worker: int | None = None,
         forward_output: bool = True,
+        memory_limit: int | str | None = None,
+        threads_per_worker: ThreadsOption = "auto",
+        env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(workers=workers, worker_setup=worker_setup)
+        # Resource options: validated here, applied by the workers and the watcher.
+        self.resources = ResourceControl.resolve(
+            workers=self.workers,
+            memory_limit=memory_limit,
+            threads_per_worker=threads_per_worker,
+            env=env,
+        )
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -273,6 +299,7 @@ class ProcessBackend(Backend):
             )
             self._dispatcher.start()
             _live_pools.add(self)
+            self.resources.watch(self)  # memory_limit=, and what a SIGKILL was about
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
@@ -286,6 +313,7 @@ class ProcessBackend(Backend):
                 self.forward_output,
                 logging.getLogger().getEffectiveLevel(),
                 self.start_method == "forkserver",
+                self.resources.worker_settings(),
             ),
             name="procession-worker",
             daemon=False,  # daemonic processes may not start their own children
@@ -466,8 +494,11 @@ class ProcessBackend(Backend):
         self._close_worker(w)
         if future is not None and not future.done():
             future.set_exception(
-                WorkerCrashedError(
-                    describe_exit(pid, exitcode) + " while running a task", exitcode=exitcode
+                # WorkerMemoryError when the memory watcher stopped it.
+                self.resources.crash_error(
+                    describe_exit(pid, exitcode) + " while running a task",
+                    pid=pid,
+                    exitcode=exitcode,
                 )
             )
         if self._broken is not None:

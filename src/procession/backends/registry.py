@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from procession.backends._resources import check_supported
 from procession.backends.base import Backend, Capabilities
 from procession.errors import BackendUnavailableError
 
@@ -201,6 +202,8 @@ def create_backend(name: str, **options: Any) -> Backend:
         procession.map(f, items, backend=backend)
     """
     factory = get_backend_class(name)
+    # memory_limit=/threads_per_worker=/env= a backend lacks: refused here, with the reason.
+    options = check_supported(name, factory, options)
     backend = factory(**options)
     if not isinstance(backend, Backend):
         raise BackendUnavailableError(

@@ -23,7 +23,12 @@ class SerialBackend(Backend):
 
     def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
         super().__init__(workers=1 if workers is None else workers, worker_setup=worker_setup)
-        self.workers = 1
+        if self.workers != 1:
+            raise ValueError(
+                f"the serial backend runs one task at a time in the caller, so workers="
+                f"{workers} cannot be honoured; drop workers= or use backend='threads' or "
+                f"'process'"
+            )
         self._initialized = False
 
     def start(self) -> None:

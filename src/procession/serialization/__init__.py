@@ -6,7 +6,12 @@ See :mod:`procession.serialization.serializers` for scope and non-goals,
 
 from __future__ import annotations
 
-from procession.serialization.adapters import register_adapter, registered_adapters
+from procession.serialization.adapters import (
+    register_adapter,
+    registered_adapters,
+    track_stateful_values,
+    unregister_adapter,
+)
 from procession.serialization.diagnostics import check_picklable, check_report, diagnose
 from procession.serialization.policy import Policy, current_policy, policy, snapshot
 from procession.serialization.recipes import Recipe, build_count, built_recipes_clear
@@ -34,4 +39,6 @@ __all__ = [
     "registered_adapters",
     "serializer_names",
     "snapshot",
+    "track_stateful_values",
+    "unregister_adapter",
 ]

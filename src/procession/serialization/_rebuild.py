@@ -2,7 +2,8 @@
 
 Keep this module small and its names stable: bytes made by one process are
 read by another, and both look these functions up by module and name.  The
-functions run in the worker, when a task is unpickled.
+functions run in the worker, when a task is unpickled.  This module imports
+only the leaf :mod:`procession.serialization._cache`, never upward.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from procession.serialization.recipes import build_cached, build_thread_cached
+from procession.serialization._cache import build_cached, build_thread_cached
 
 if TYPE_CHECKING:
     import sqlite3

@@ -2,22 +2,25 @@
 
 Each adapter turns an object into a :class:`~procession.Recipe` (how the worker
 rebuilds it) or refuses it with advice.  They apply under every serializer.
+The kind says whether the worker shares one built object (a *resource*) or
+builds it anew for every task (a *value* with state).
 
-=========================  ==========================================================
-generator, unstarted       its generator function and arguments; each task gets a
-                           fresh generator (``Recipe.fresh``)
-generator, started         refused; ``policy(started_generators="drain")`` sends
-                           the remaining items as a list
-``sqlite3.Connection``     reopened from its file (same read-only flag, same
-                           attached databases, ``row_factory``/``text_factory``),
-                           once per worker thread; in-memory databases refused
-                           unless ``policy(memory_databases="snapshot")``
-read-only file objects     reopened by path, mode and encoding, at the same
-                           position; a new handle per task
-write-mode / closed files  refused
-locks, hashes, sockets,    refused, with advice (a Recipe, a Manager, or sending
-cursors, coroutines, ...   the data instead)
-=========================  ==========================================================
+=========================  ========  ================================================
+generator, unstarted       value     its generator function and arguments; each task
+                                     gets a fresh, unstarted generator
+generator, started         value     refused; ``policy(started_generators="drain")``
+                                     sends the remaining items as a list
+``sqlite3.Connection``     resource  reopened from its file (same read-only flag,
+                                     same attached databases, ``row_factory`` /
+                                     ``text_factory``), once per worker thread;
+                                     in-memory databases refused unless
+                                     ``policy(memory_databases="snapshot")``
+read-only file objects     value     reopened by path, mode and encoding, at the
+                                     same position; a new handle per task
+write-mode / closed files  --        refused
+locks, hashes, sockets,    --        refused, with advice (a Recipe, a Manager, or
+cursors, coroutines, ...             sending the data instead)
+=========================  ========  ================================================
 
 Types are registered by name where possible, so that sending an object never
 imports ``sqlite3``, ``socket`` or ``multiprocessing`` just to look it up.
@@ -379,15 +382,15 @@ def register_builtin_adapters() -> None:
     """Register the standard library's adapters (called once, on first lookup)."""
     import _thread
 
-    register_builtin_adapter(types.GeneratorType, _reduce_generator)
+    register_builtin_adapter(types.GeneratorType, _reduce_generator, kind="value")
     register_builtin_adapter(types.CoroutineType, _REFUSE_COROUTINE)
     register_builtin_adapter(types.AsyncGeneratorType, _REFUSE_COROUTINE)
-    register_builtin_adapter("sqlite3.Connection", _reduce_sqlite_connection)
+    register_builtin_adapter("sqlite3.Connection", _reduce_sqlite_connection, kind="resource")
     register_builtin_adapter("sqlite3.Cursor", _REFUSE_SQLITE_CURSOR)
     register_builtin_adapter("sqlite3.Blob", _REFUSE_SQLITE_CURSOR)
     for file_type in (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom):
-        register_builtin_adapter(file_type, _reduce_file)
-    register_builtin_adapter(io.FileIO, _reduce_file)
+        register_builtin_adapter(file_type, _reduce_file, kind="value")
+    register_builtin_adapter(io.FileIO, _reduce_file, kind="value")
     register_builtin_adapter(_thread.LockType, _REFUSE_LOCK)
     register_builtin_adapter(_thread.RLock, _REFUSE_LOCK)
     register_builtin_adapter("multiprocessing.synchronize.SemLock", _REFUSE_MULTIPROCESSING_LOCK)

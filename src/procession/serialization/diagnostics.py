@@ -508,14 +508,30 @@ def check_report(target: str, *, threshold: int | str | None = None) -> tuple[bo
             lines.append(f"  {name:<{width}}  ok")
             if name == "cloudpickle":
                 ok = True
-    reduce = adapters.find_reducer(type(obj))
-    if reduce is not None:
-        lines.append(
-            f"  an adapter handles {type_name(obj)}: {getattr(reduce, '__qualname__', reduce)}"
-        )
+    adapter = adapters.find_adapter(type(obj))
+    if adapter is not None:
+        name = getattr(adapter.reduce, "__qualname__", None) or repr(adapter.reduce)
+        lines.append(f"  an adapter handles {type_name(obj)}: {name} (kind={adapter.kind!r})")
+    lines.extend(_stateful_note(obj))
     if ok:
         lines.append(describe_out_of_band(obj, threshold=threshold))
     return ok, "\n".join(lines)
+
+
+def _stateful_note(obj: Any) -> list[str]:
+    """A line saying how many values with state ``obj`` holds (none when it holds none)."""
+    try:
+        with adapters.track_stateful_values() as seen:
+            get_serializer("cloudpickle").dumps(obj)
+    except Exception:  # reported above, serializer by serializer
+        return []
+    if not seen.count:
+        return []
+    return [
+        f"  holds {seen.count} value(s) with state (unstarted generators, read-only files, "
+        f"fresh Recipes): each task gets its own, as in the caller; as the mapped function "
+        f"it is unpickled for every call"
+    ]
 
 
 # -- large buffers: what would travel out of band --------------------------------

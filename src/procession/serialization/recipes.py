@@ -15,17 +15,24 @@ Three scopes say how widely a built object is shared on the far side:
     pool thread gets its own; on a process backend this is once per worker.
 ``"fresh"``
     built anew every time it is unpickled, never cached (a generator, a file
-    position: state that one task must not leak into the next).
+    position: state that one task must not leak into the next).  Such a
+    Recipe is a *value with state*, not a resource: serializing one is
+    counted by :func:`~procession.serialization.track_stateful_values`, so
+    that bytes holding it are unpickled once per use.
+
+The caches themselves live in the leaf module ``_cache``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
-__all__ = ["Recipe", "Scope", "build_count", "build_thread_cached", "built_recipes_clear"]
+from procession.serialization import _cache, _rebuild
+from procession.serialization._tracking import note_stateful_value
+
+__all__ = ["Recipe", "Scope", "build_count", "built_recipes_clear"]
 
 T = TypeVar("T")
 Scope = Literal["process", "thread", "fresh"]
@@ -112,64 +119,15 @@ class Recipe(Generic[T]):
         return f"Recipe({', '.join([name, *parts])}){scope}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from procession.serialization import _rebuild
-
         if self.scope == "fresh":
+            # A value with state: bytes holding it must be unpickled per use.
+            note_stateful_value()
             return (_rebuild.call, (self.factory, self.args, self.kwargs))
         if self.scope == "thread":
             build = _rebuild.build_recipe_per_thread
         else:
             build = _rebuild.build_recipe
         return (build, (self.key, self.factory, self.args, self.kwargs))
-
-
-# The per-process cache of built recipes.  A lock per key makes sure that two
-# threads asking for the same recipe build it once, while different recipes
-# build concurrently.
-_cache: dict[bytes, Any] = {}
-_cache_lock = threading.Lock()
-_key_locks: dict[bytes, threading.Lock] = {}
-_build_counts: dict[bytes, int] = {}
-# Per-thread recipes live in thread-local storage, so a pool thread's objects
-# are released with the thread.
-_thread_cache = threading.local()
-
-
-def _count_build(key: bytes) -> None:
-    with _cache_lock:
-        _build_counts[key] = _build_counts.get(key, 0) + 1
-
-
-def build_cached(key: bytes, factory: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    """Return the object built from this recipe in this process, building it once."""
-    try:
-        return _cache[key]
-    except KeyError:
-        pass
-    with _cache_lock:
-        lock = _key_locks.setdefault(key, threading.Lock())
-    with lock:
-        if key in _cache:
-            return _cache[key]
-        built = factory(*args, **kwargs)
-        _cache[key] = built
-        _count_build(key)
-        return built
-
-
-def build_thread_cached(key: bytes, factory: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    """Return the object built from this recipe in this thread, building it once."""
-    cache: dict[bytes, Any] | None = getattr(_thread_cache, "objects", None)
-    if cache is None:
-        cache = _thread_cache.objects = {}
-    try:
-        return cache[key]
-    except KeyError:
-        pass
-    built = factory(*args, **kwargs)
-    cache[key] = built
-    _count_build(key)
-    return built
 
 
 def build_count(recipe: Recipe[Any]) -> int:
@@ -179,8 +137,7 @@ def build_count(recipe: Recipe[Any]) -> int:
 
         assert procession.serialization.build_count(recipe) <= 1
     """
-    with _cache_lock:
-        return _build_counts.get(recipe.key, 0)
+    return _cache.build_count_of(recipe.key)
 
 
 def built_recipes_clear() -> None:
@@ -188,8 +145,4 @@ def built_recipes_clear() -> None:
 
     Only this thread's per-thread recipes are forgotten; other threads keep theirs.
     """
-    with _cache_lock:
-        _cache.clear()
-        _key_locks.clear()
-        _build_counts.clear()
-    _thread_cache.objects = {}
+    _cache.clear()

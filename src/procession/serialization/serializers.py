@@ -312,6 +312,12 @@ def register_serializer(serializer: Serializer) -> None:
 
     Registering the same object twice is harmless; a different serializer under
     a taken name is an error.
+
+    Example::
+
+        json_serializer = JsonSerializer()          # see Serializer's example
+        procession.register_serializer(json_serializer)
+        assert "json" in procession.serializers
     """
     if not isinstance(serializer, Serializer):
         raise TypeError(

@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 import procession
 from procession.backends.base import Backend, Capabilities
 from procession.errors import RemoteTraceback, TaskTimeoutError, WorkerCrashedError
+from procession.serialization.adapters import find_reducer
 from procession.serialization.serializers import get_serializer
 from procession.testing import _tasks
 from procession.worker import encode_setup
@@ -60,7 +61,13 @@ TEST_TIMEOUT = 60
 
 
 def resolve_instance(backend: BackendSpec) -> Backend:
-    """The Backend object that ``backend=`` resolves to (a name: the warm shared one)."""
+    """The Backend object that ``backend=`` resolves to (a name: the warm shared one).
+
+    Example (in a test of your own, to read what the backend under test promises)::
+
+        def test_kills(self, conformance_backend):
+            assert resolve_instance(conformance_backend).capabilities.kill
+    """
     if isinstance(backend, Backend):
         return backend
     from procession.api import resolve_backend
@@ -113,7 +120,13 @@ class _Base:
 
 @pytest.mark.timeout(TEST_TIMEOUT)
 class CoreConformance(_Base):
-    """Behaviour every backend must have, whatever its capabilities."""
+    """Behaviour every backend must have, whatever its capabilities.
+
+    Example (a backend that cannot detect crashes runs only this half)::
+
+        class TestThreadsLike(CoreConformance):
+            backend = "inline"
+    """
 
     def test_results_equal_builtin_map(self, conformance_backend: BackendSpec) -> None:
         @_hypothesis_settings()
@@ -258,10 +271,17 @@ class CoreConformance(_Base):
                 assert {token_id} == tokens_per_process[runner_pid]
 
     def test_adapters_are_applied(self, conformance_backend: BackendSpec) -> None:
+        # Registered for this test only: the suite runs inside its host's test
+        # session and must leave the adapter registry as it found it.
+        registered_before = find_reducer(_tasks.OpaqueHandle) is _tasks.reduce_opaque_handle
         procession.register_adapter(_tasks.OpaqueHandle, _tasks.reduce_opaque_handle)
-        handle = _tasks.OpaqueHandle("conformance-handle")
-        fn = functools.partial(_tasks.describe_handle, handle=handle)
-        got = list(procession.map(fn, range(6), backend=conformance_backend, chunksize=2))
+        try:
+            handle = _tasks.OpaqueHandle("conformance-handle")
+            fn = functools.partial(_tasks.describe_handle, handle=handle)
+            got = list(procession.map(fn, range(6), backend=conformance_backend, chunksize=2))
+        finally:
+            if not registered_before:
+                procession.unregister_adapter(_tasks.OpaqueHandle)
         assert got == [(x, "conformance-handle", True) for x in range(6)]
 
     def test_tasks_run_in_the_declared_place(
@@ -353,7 +373,13 @@ class CoreConformance(_Base):
 
 @pytest.mark.timeout(TEST_TIMEOUT)
 class CrashConformance(_Base):
-    """Worker crashes: run only where the backend declares ``crash_detection``."""
+    """Worker crashes: run only where the backend declares ``crash_detection``.
+
+    Example (the crash half alone, for a backend already covered otherwise)::
+
+        class TestCrashes(CrashConformance):
+            backend = "process"
+    """
 
     @pytest.mark.parametrize("crash", ["exit", "sigkill"])
     def test_crash_raises_worker_crashed_error(

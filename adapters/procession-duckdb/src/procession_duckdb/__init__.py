@@ -102,5 +102,6 @@ def reduce_connection(con: Any) -> Recipe[Any]:
 
 def register_adapters() -> None:
     """Entry-point hook (group ``procession.adapters``): register the DuckDB adapter."""
+    # A resource: one read-only connection per worker, shared by its tasks.
     for name in _CONNECTION_TYPES:
-        procession.register_adapter(name, reduce_connection)
+        procession.register_adapter(name, reduce_connection, kind="resource")

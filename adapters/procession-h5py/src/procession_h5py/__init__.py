@@ -106,5 +106,7 @@ def reduce_dataset(dataset: Any) -> Recipe[Any]:
 
 def register_adapters() -> None:
     """Entry-point hook (group ``procession.adapters``): register the h5py adapters."""
-    procession.register_adapter(_GROUP, reduce_group)  # File subclasses Group
-    procession.register_adapter(_DATASET, reduce_dataset)
+    # Resources: a read-only file handle has no position or other state a task
+    # could change for the next, so each worker opens it once and shares it.
+    procession.register_adapter(_GROUP, reduce_group, kind="resource")  # File subclasses Group
+    procession.register_adapter(_DATASET, reduce_dataset, kind="resource")

@@ -387,10 +387,10 @@ class RayBackend(procession.Backend):
         state = self._state
         while state.queued:
             future, _ = state.queued.popleft()
-            _fail(future, error)
+            future.settle(exc=error)
         for slot in state.slots:
             if slot.future is not None:
-                _fail(slot.future, error)
+                slot.future.settle(exc=error)
                 slot.future = None
 
     def _send_queued(self) -> None:
@@ -425,10 +425,9 @@ class RayBackend(procession.Backend):
             error = self._translate(exc, slot)
             if isinstance(error, WorkerCrashedError):
                 self._replace(slot)
-            _fail(future, error)
+            future.settle(exc=error)
             return
-        if not future.done():
-            future.set_result(data)
+        future.settle(data)
 
     @staticmethod
     def _translate(exc: BaseException, slot: _Slot) -> BaseException:
@@ -452,9 +451,8 @@ class RayBackend(procession.Backend):
             if slot.future is future:
                 slot.future = None
                 self._replace(slot)
-                _fail(
-                    future,
-                    WorkerCrashedError(
+                future.settle(
+                    exc=WorkerCrashedError(
                         f"the task was stopped: its ray worker (pid {slot.pid}) was killed "
                         f"and replaced"
                     ),
@@ -484,23 +482,13 @@ class RayBackend(procession.Backend):
         while state.queued:
             future, _ = state.queued.popleft()
             if future.set_running_or_notify_cancel():
-                _fail(future, WorkerCrashedError("the ray backend was shut down first"))
+                future.settle(exc=WorkerCrashedError("the ray backend was shut down first"))
         for slot in state.slots:
             if slot.future is not None:
-                _fail(
-                    slot.future,
-                    WorkerCrashedError("the ray backend was shut down while this task ran"),
+                slot.future.settle(
+                    exc=WorkerCrashedError("the ray backend was shut down while this task ran")
                 )
                 slot.future = None
             slot.dead = True
             with contextlib.suppress(Exception):
                 ray.kill(slot.actor, no_restart=True)
-
-
-def _fail(future: TaskFuture, error: BaseException) -> None:
-    if future.done():
-        return
-    with contextlib.suppress(Exception):  # settled concurrently
-        if not future.running():
-            future.set_running_or_notify_cancel()
-        future.set_exception(error)
