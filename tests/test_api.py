@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from _backend_helpers import workers_up_to
 
 import procession
 from procession import api
@@ -169,8 +170,8 @@ def test_abandoned_iterator_stops_reading(backend_name: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        ({"workers": 0}, ValueError, "workers must be a positive int"),
-        ({"workers": -2}, ValueError, "workers must be a positive int"),
+        ({"workers": 0}, ValueError, "workers must be greater than 0"),
+        ({"workers": -2}, ValueError, "workers must be greater than 0"),
         ({"workers": 1.5}, TypeError, "workers must be a positive int"),
         ({"chunksize": 0}, ValueError, "chunksize must be 'auto' or a positive int"),
         ({"chunksize": "big"}, TypeError, "chunksize must be 'auto' or a positive int"),
@@ -238,7 +239,7 @@ def test_errors_survive_pickling() -> None:
 
 
 def test_executor_submit_returns_real_futures(backend_name: str) -> None:
-    with procession.Executor(backend=backend_name, workers=2) as ex:
+    with procession.Executor(backend=backend_name, workers=workers_up_to(backend_name, 2)) as ex:
         futures = [ex.submit(pow, 2, n) for n in range(8)]
         assert all(isinstance(f, concurrent.futures.Future) for f in futures)
         assert [f.result(timeout=30) for f in concurrent.futures.as_completed(futures)]
@@ -280,7 +281,7 @@ def test_processpoolexecutor_compatible_arguments() -> None:
 
 
 def test_shutdown_waits_for_submitted_work(backend_name: str) -> None:
-    ex = procession.Executor(backend=backend_name, workers=2)
+    ex = procession.Executor(backend=backend_name, workers=workers_up_to(backend_name, 2))
     futures = [ex.submit(time.sleep, 0.05) for _ in range(4)]
     ex.shutdown(wait=True)
     assert all(f.done() and f.exception() is None for f in futures)

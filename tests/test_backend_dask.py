@@ -68,7 +68,13 @@ def test_map_ordered_and_unordered() -> None:
     backend = shared()
     assert backend.embedded
     assert backend.capabilities == procession.Capabilities(
-        isolated=True, kill=True, crash_detection=True, remote=True
+        isolated=True,
+        kill=True,
+        crash_detection=True,
+        remote=True,
+        memory_limit=True,
+        threads_per_worker=True,
+        env=True,
     )
     pids = set(procession.map(_tasks.pid_of, range(20), backend="dask", chunksize=1))
     assert os.getpid() not in pids

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _backend_helpers import workers_up_to
 from _serialization_helpers import LOCAL_BACKENDS
 
 import procession
@@ -151,7 +152,13 @@ def test_recipe_built_once_per_worker_across_maps(local_backend: str, tmp_path: 
     seen: dict[int, set[int]] = {}
     for round_ in range(3):
         results = list(
-            procession.map(task, range(12), backend=local_backend, workers=2, chunksize=1)
+            procession.map(
+                task,
+                range(12),
+                backend=local_backend,
+                workers=workers_up_to(local_backend, 2),
+                chunksize=1,
+            )
         )
         assert [x for _, _, _, x in results] == list(range(12)), round_
         assert {label for _, _, label, _ in results} == {local_backend}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _backend_helpers import workers_up_to
 
 import procession
 from procession.errors import RemoteTraceback, SerializationError
@@ -92,7 +93,7 @@ def make(kind: str) -> object:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["loads", "exit-load"])
 def test_result_that_cannot_be_rebuilt_fails_its_future(backend_name: str, kind: str) -> None:
-    with procession.Executor(backend=backend_name, workers=2) as ex:
+    with procession.Executor(backend=backend_name, workers=workers_up_to(backend_name, 2)) as ex:
         future = ex.submit(make, kind)
         with pytest.raises(SerializationError) as info:
             future.result(timeout=30)
@@ -119,7 +120,7 @@ def test_result_that_cannot_be_rebuilt_fails_its_items_in_map(backend_name: str)
 def test_result_whose_pickling_raises_system_exit_fails_with_system_exit(
     backend_name: str,
 ) -> None:
-    with procession.Executor(backend=backend_name, workers=2) as ex:
+    with procession.Executor(backend=backend_name, workers=workers_up_to(backend_name, 2)) as ex:
         future = ex.submit(make, "exit-dump")
         with pytest.raises(SystemExit):
             future.result(timeout=30)

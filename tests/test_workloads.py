@@ -7,6 +7,7 @@ import string
 from array import array
 
 import pytest
+from _backend_helpers import workers_up_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,17 +108,23 @@ def test_known_prime_counts_sequential() -> None:
 @given(n=st.integers(min_value=-3, max_value=20_000), segment_size=st.integers(2, 3000))
 def test_primes_up_to_matches_trial_division(backend_name: str, n: int, segment_size: int) -> None:
     expected = trial_division(n)
-    found = primes_up_to(n, backend=backend_name, workers=2, segment_size=segment_size)
+    found = primes_up_to(
+        n, backend=backend_name, workers=workers_up_to(backend_name, 2), segment_size=segment_size
+    )
     assert isinstance(found, array)
     assert list(found) == expected
-    assert count_primes(n, backend=backend_name, workers=2, segment_size=segment_size) == len(
-        expected
-    )
+    assert count_primes(
+        n, backend=backend_name, workers=workers_up_to(backend_name, 2), segment_size=segment_size
+    ) == len(expected)
 
 
 def test_pi_of_a_million_on_every_backend(backend_name: str) -> None:
-    assert count_primes(10**6, backend=backend_name, workers=2) == 78498
-    primes = primes_up_to(10**6, backend=backend_name, workers=2, segment_size=1 << 16)
+    assert (
+        count_primes(10**6, backend=backend_name, workers=workers_up_to(backend_name, 2)) == 78498
+    )
+    primes = primes_up_to(
+        10**6, backend=backend_name, workers=workers_up_to(backend_name, 2), segment_size=1 << 16
+    )
     assert len(primes) == 78498
     assert primes.typecode == "I"  # 4 bytes a prime, not a list of Python ints
     assert primes[-1] == 999983
@@ -208,7 +215,9 @@ def test_search_palindromes_equals_sequential(
     backend_name: str, workers: int, count: int, length: int, seed: int
 ) -> None:
     expected = find_palindromes(list(generate_words(count, length, seed=seed)))
-    found = search_palindromes(count, length, seed=seed, backend=backend_name, workers=workers)
+    found = search_palindromes(
+        count, length, seed=seed, backend=backend_name, workers=workers_up_to(backend_name, workers)
+    )
     assert found == expected
 
 

@@ -179,6 +179,8 @@ class Backend(ABC):
     )
     #: Serializer used when the caller does not choose one.
     default_serializer: ClassVar[str] = "cloudpickle"
+    #: The most workers the backend can run (None: no limit); more is refused.
+    max_workers: ClassVar[int | None] = None
 
     def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
         if workers is not None:

@@ -20,6 +20,7 @@ class SerialBackend(Backend):
 
     name: ClassVar[str] = "serial"
     capabilities = Capabilities(isolated=False, kill=False, crash_detection=False)
+    max_workers: ClassVar[int | None] = 1
 
     def __init__(self, *, workers: int | None = None, worker_setup: bytes | None = None) -> None:
         super().__init__(workers=1 if workers is None else workers, worker_setup=worker_setup)

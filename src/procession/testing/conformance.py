@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 
 import procession
 from procession.backends.base import Backend, Capabilities
+from procession.backends.registry import get_backend_class
 from procession.errors import RemoteTraceback, TaskTimeoutError, WorkerCrashedError
 from procession.serialization.adapters import find_reducer
 from procession.serialization.serializers import get_serializer
@@ -329,9 +330,10 @@ class CoreConformance(_Base):
             sibling = _sibling(conformance_backend, setup)
             executor = procession.Executor(backend=sibling)
         else:
+            limit = getattr(get_backend_class(conformance_backend), "max_workers", None)
             executor = procession.Executor(
                 backend=conformance_backend,
-                max_workers=2,
+                max_workers=min(2, limit or 2),
                 initializer=_tasks.set_initialized,
                 initargs=(marker,),
             )
