@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "map": "procession.api",
+    "amap": "procession.aio",
     "Executor": "procession.api",
     "Pipeline": "procession.pipeline",
     "Backend": "procession.backends.base",
@@ -62,6 +63,7 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerMemoryError",
     "__version__",
+    "amap",
     "available_backends",
     "check_picklable",
     "create_backend",
@@ -74,6 +76,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from procession.aio import amap
     from procession.api import Executor, map
     from procession.backends.base import Backend, Capabilities, TaskFuture
     from procession.backends.registry import (

@@ -244,6 +244,9 @@ class MapRun:
         self._input_error: BaseException | None = None
         self._pending: dict[TaskFuture, Chunk] = {}
         self._aborted = False
+        # Settled by abort() to wake the loop's wait(): a future cancelled before it
+        # started counts as done there only once its backend acknowledges it.
+        self._wakeup: Future[None] = Future()
         # The loop yields whole chunks of results; chain.from_iterable flattens
         # them in C, so the per-item cost of iterating is that of a list.
         self._batches: Generator[Iterator[Any], None, None] = self._run()
@@ -254,6 +257,12 @@ class MapRun:
 
     def __next__(self) -> Any:
         return next(self._flat)
+
+    def batches(self) -> Iterator[Iterator[Any]]:
+        """The results a chunk at a time (for bridges such as ``amap`` that hand
+        results over in bulk); each batch lets go of a result as it is yielded.
+        Use either this or plain iteration, not both."""
+        return self._batches
 
     def close(self) -> None:
         """Stop reading input and cancel in-flight work (from the consuming thread)."""
@@ -274,6 +283,8 @@ class MapRun:
             partial = list(run)
         """
         self._aborted = True
+        with contextlib.suppress(Exception):
+            self._wakeup.set_result(None)
         can_kill = kill and self._backend.capabilities.kill
         for future in list(self._pending):
             if not future.cancel() and can_kill and not future.done():
@@ -561,7 +572,8 @@ class MapRun:
                 timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
             elif self._source_slow and not self._exhausted:
                 timeout = 0.0  # reading the slow source is what paces the loop
-            done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
+            waitables: list[Future[Any]] = [*self._pending, self._wakeup]
+            done, _ = wait(waitables, timeout=timeout, return_when=FIRST_COMPLETED)
             if self._aborted:
                 return
             for future in done:
