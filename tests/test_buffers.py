@@ -545,6 +545,17 @@ def test_results_abandoned_mid_map_leave_no_segment(process_backend_name: str) -
         run.close()  # type: ignore[attr-defined]
 
 
+def test_a_map_never_iterated_frees_its_segments() -> None:
+    import gc
+
+    with procession.Executor(backend="process", workers=2) as executor:
+        run = executor.map(functools.partial(sum_of, np.ones(MiB // 4)), range(3))
+        assert len(_ours()) == 1  # the function's array, written when the map was made
+        del run
+        gc.collect()
+        assert _ours() == []
+
+
 def test_ctrl_c_leaves_no_segment() -> None:
     def arrays() -> Iterator[np.ndarray]:
         yield np.zeros(MiB // 4)

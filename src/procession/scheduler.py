@@ -29,6 +29,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -227,6 +228,8 @@ class MapRun:
         except BaseException:
             self._arena.close()
             raise
+        if self._arena.active:  # a run dropped without being iterated frees its segments too
+            weakref.finalize(self, self._arena.close)
         self._run_id = protocol.new_run_id()
         self._star = star
         self._chunker = AutoChunker(
