@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "map": "procession.api",
     "amap": "procession.aio",
     "Executor": "procession.api",
+    "Pool": "procession.pool",
     "Pipeline": "procession.pipeline",
     "Backend": "procession.backends.base",
     "Capabilities": "procession.backends.base",
@@ -45,6 +46,9 @@ _EXPORTS: dict[str, str] = {
     "RemoteError": "procession.errors",
 }
 
+# Submodules reachable as attributes without their own import statement.
+_SUBMODULES = frozenset({"joblib"})
+
 __all__ = [
     "Backend",
     "BackendInfo",
@@ -53,6 +57,7 @@ __all__ = [
     "Executor",
     "Pipeline",
     "PipelineError",
+    "Pool",
     "ProcessionError",
     "Recipe",
     "RemoteError",
@@ -96,6 +101,7 @@ if TYPE_CHECKING:
         WorkerMemoryError,
     )
     from procession.pipeline import Pipeline
+    from procession.pool import Pool
     from procession.serialization.adapters import register_adapter, unregister_adapter
     from procession.serialization.diagnostics import check_picklable
     from procession.serialization.recipes import Recipe
@@ -110,6 +116,9 @@ def __getattr__(name: str) -> Any:
         from procession.serialization.serializers import serializer_names
 
         return serializer_names()
+    if name in _SUBMODULES:
+        # ``procession.joblib`` after a plain ``import procession`` (it imports joblib).
+        return importlib.import_module(f"procession.{name}")
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'procession' has no attribute {name!r}")
