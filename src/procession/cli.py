@@ -636,15 +636,25 @@ def bench(
 
 @cli.command()
 @click.argument("target", metavar="MODULE:ATTR")
-def check(target: str) -> None:
-    """Say whether MODULE:ATTR can be sent to a worker, and if not why and how to fix it."""
+@click.option(
+    "--threshold",
+    default=None,
+    metavar="SIZE",
+    help="Size from which buffers go through shared memory (default: "
+    "$PROCESSION_SHM_THRESHOLD or 1MiB), for the out-of-band lines.",
+)
+def check(target: str, threshold: str | None) -> None:
+    """Say whether MODULE:ATTR can be sent to a worker, and if not why and how to fix it.
+
+    Also lists the large buffers that would travel through shared memory.
+    """
     from procession.serialization import diagnostics
 
     report = getattr(diagnostics, "check_report", None)
     if report is None:
         ok, text = _basic_check(target)
     else:
-        ok, text = report(target)
+        ok, text = report(target, threshold=threshold)
     click.echo(text)
     if not ok:
         sys.exit(1)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procession.errors import RemoteError, RemoteTraceback, SerializationError
+from procession.serialization import shm
 from procession.serialization.serializers import Serializer
 
 __all__ = [
@@ -80,10 +81,15 @@ class EncodedFunction:
 
 
 def encode_function(
-    fn: Callable[..., Any], serializer: Serializer, *, role: str = "map"
+    fn: Callable[..., Any],
+    serializer: Serializer,
+    *,
+    role: str = "map",
+    arena: shm.InBand = shm.IN_BAND,
 ) -> EncodedFunction:
     """Serialize ``fn``; raise TypeError if it is not callable, SerializationError if it
-    does not serialize (naming it)."""
+    does not serialize (naming it).  ``arena``: where its large buffers go (written
+    once per call, kept until the arena closes)."""
     if not callable(fn):
         raise TypeError(f"the function to {role} must be callable, got {type(fn).__name__}")
     from procession.serialization import adapters
@@ -91,7 +97,7 @@ def encode_function(
 
     try:
         with adapters.track_stateful_values() as seen:
-            data = serializer.dumps(fn)
+            data = arena.dumps(serializer, fn, pin=True)
         fresh = seen.count > 0
     except Exception as exc:
         raise diagnose(fn, serializer, root="fn", exc=exc) from exc
@@ -217,8 +223,15 @@ class DecodedResult:
     task_error: BaseException | None = None
 
 
-def decode_result(data: bytes, serializer: Serializer, *, what: str = "the task") -> DecodedResult:
-    """Decode a result envelope; every failure to do so becomes ``task_error``."""
+def decode_result(
+    data: bytes,
+    serializer: Serializer,
+    *,
+    what: str = "the task",
+    arena: shm.InBand = shm.IN_BAND,
+) -> DecodedResult:
+    """Decode a result envelope; every failure to do so becomes ``task_error``.
+    ``arena``: the map's, so large result buffers become arrays over shared memory."""
     try:
         version, values_bytes, failures, seconds = pickle.loads(data)
     except (Exception, SystemExit) as exc:
@@ -234,7 +247,7 @@ def decode_result(data: bytes, serializer: Serializer, *, what: str = "the task"
         load_error = decode_failure(serializer, exc_bytes, type_name, message, tb_text)
         return DecodedResult([], {}, seconds, _worker_load_error(load_error, serializer))
     try:
-        values = serializer.loads(values_bytes)
+        values = arena.loads(serializer, values_bytes)
     except (Exception, SystemExit) as exc:
         error = SerializationError(
             f"the results of {what} could not be rebuilt in the parent with serializer "

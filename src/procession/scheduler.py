@@ -29,6 +29,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -46,6 +47,7 @@ from procession.errors import (
 )
 from procession.options import MapOptions
 from procession.protocol import encode_function
+from procession.serialization import shm
 from procession.serialization.adapters import track_stateful_values
 from procession.serialization.diagnostics import diagnose
 from procession.serialization.serializers import Serializer
@@ -119,6 +121,8 @@ class Chunk:
     attempts: int = 0
     submitted_at: float = 0.0
     timed_out: bool = False
+    # Shared-memory segments of this chunk's large buffers (released when it is done).
+    lease: shm.arena.Lease | None = None
 
     def indices(self) -> tuple[int, ...]:
         return tuple(range(self.start, self.start + len(self.items)))
@@ -218,7 +222,15 @@ class MapRun:
             self._length = None
         self._backend = backend
         self._serializer = serializer
-        self._fn = encode_function(fn, serializer)
+        # Large buffers go through shared memory on same-machine process backends.
+        self._arena = shm.arena_for(backend)
+        try:
+            self._fn = encode_function(fn, serializer, arena=self._arena)
+        except BaseException:
+            self._arena.close()
+            raise
+        if self._arena.active:  # a run dropped without being iterated frees its segments too
+            weakref.finalize(self, self._arena.close)
         self._run_id = protocol.new_run_id()
         self._star = star
         self._chunker = AutoChunker(
@@ -367,11 +379,12 @@ class MapRun:
     def _send(self, chunk: Chunk, ready: dict[int, Outcome]) -> None:
         try:
             with track_stateful_values() as seen:
-                items_bytes = self._serializer.dumps(chunk.items)
+                items_bytes, chunk.lease = self._arena.dumps_leased(self._serializer, chunk.items)
             if seen.count and len(chunk.items) > 1:
                 # Pickle sends a repeated object once: the same generator given as
                 # two items would reach the second one used up.  Values with state
                 # travel one item per task, each rebuilt as it is in the parent.
+                self._arena.release(chunk.lease)
                 for offset, item in enumerate(chunk.items):
                     self._send(Chunk(chunk.start + offset, [item], chunk.attempts), ready)
                 return
@@ -437,7 +450,9 @@ class MapRun:
                 error = _crash_for(chunk, error, self._retries)
             return self._all_failed(chunk, error)
 
-        result = protocol.decode_result(data, self._serializer, what=f"items {_span(chunk)}")
+        result = protocol.decode_result(
+            data, self._serializer, what=f"items {_span(chunk)}", arena=self._arena
+        )
         if result.task_error is not None:
             error = result.task_error
             if isinstance(error, SerializationError) and error.index is None:
@@ -516,6 +531,8 @@ class MapRun:
         finally:
             for future in self._pending:
                 future.cancel()
+            # Removes this map's segments, whatever happened (and late results' ones).
+            self._arena.close(self._pending)
             self._pending.clear()
             if bar is not None:
                 bar.close()
@@ -622,25 +639,41 @@ def submit_call(
     if not callable(fn):
         raise TypeError(f"the function to submit must be callable, got {type(fn).__name__}")
     user_future: Future[Any] = Future()
+    arena = shm.arena_for(backend)  # large buffers: one arena per call, closed with it
     try:
-        encoded = encode_function(fn, serializer, role="submit")
+        encoded = encode_function(fn, serializer, role="submit", arena=arena)
         try:
-            items_bytes = serializer.dumps([(args, kwargs)])
+            # Leased, not pinned: the whole arena closes with this call.
+            items_bytes, _ = arena.dumps_leased(serializer, [(args, kwargs)])
         except Exception as exc:
             raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
     except SerializationError as error:
+        arena.close()
         # As ProcessPoolExecutor does: the error belongs to this call's future.
         user_future.set_running_or_notify_cancel()
         user_future.set_exception(error)
         return user_future
+    except BaseException:
+        arena.close()
+        raise
     task = protocol.encode_task(
         serializer, protocol.new_run_id(), encoded, items_bytes, star=True, stop_on_error=True
     )
     del args, kwargs  # a finished future keeps no reference to its arguments
-    backend.start()
-    task_future = backend.submit(task)
+    try:
+        backend.start()
+        task_future = backend.submit(task)
+    except BaseException:
+        arena.close()
+        raise
 
     def relay(done: Future[bytes]) -> None:
+        try:
+            _relay(done)
+        finally:
+            arena.close()
+
+    def _relay(done: Future[bytes]) -> None:
         if user_future.cancelled():
             return
         try:
@@ -658,7 +691,7 @@ def submit_call(
         except BaseException as transport_error:
             settle_future(user_future, exc=transport_error)
             return
-        result = protocol.decode_result(data, serializer, what="the submitted call")
+        result = protocol.decode_result(data, serializer, what="the submitted call", arena=arena)
         if result.task_error is not None:
             settle_future(user_future, exc=result.task_error)
         elif result.errors:

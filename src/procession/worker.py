@@ -15,6 +15,7 @@ call; a function that captures a value with state is rebuilt for every call.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import signal
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procession import protocol
+from procession.serialization import shm
 from procession.serialization.serializers import Serializer, get_serializer
 
 __all__ = ["in_worker", "initialize_worker", "run_task"]
@@ -63,6 +65,9 @@ def _load_function(serializer: Serializer, task: protocol.Task) -> Any:
         if fn is not None:
             _functions.move_to_end(key)
             return fn
+    if shm.arena.has_buffers(task.fn_bytes):
+        # Not cached: it maps shared memory that the parent frees when the map ends.
+        return _loads_shared(serializer, task.fn_bytes)
     fn = serializer.loads(task.fn_bytes)
     with _functions_lock:
         _functions[key] = fn
@@ -76,11 +81,16 @@ class _FreshEachCall:
     with state (a generator, a file position) that one call must not use up."""
 
     def __init__(self, serializer: Serializer, data: bytes) -> None:
-        self._loads = serializer.loads
+        self._loads = functools.partial(_loads_shared, serializer)
         self._data = data
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._loads(self._data)(*args, **kwargs)
+
+
+def _loads_shared(serializer: Serializer, data: bytes) -> Any:
+    """Load ``data``; its large buffers (if any) map the parent's shared memory."""
+    return shm.load_payload(serializer, data, private=True)[0]
 
 
 def _interrupt_is_real(exc: BaseException) -> bool:
@@ -114,7 +124,9 @@ def run_task(task: bytes) -> bytes:
             fn: Callable[..., Any] = _FreshEachCall(serializer, decoded.fn_bytes)
         else:
             fn = _load_function(serializer, decoded)
-        items = serializer.loads(decoded.items_bytes)
+        # Large arguments arrive as copy-on-write maps of the parent's shared memory;
+        # ``reply`` sends large results back the same way (or in-band).
+        items, reply = shm.load_payload(serializer, decoded.items_bytes, private=True)
     except BaseException as exc:
         if _interrupt_is_real(exc):
             raise
@@ -129,7 +141,7 @@ def run_task(task: bytes) -> bytes:
     del items, fn
     seconds = time.perf_counter() - started
     try:
-        values_bytes = serializer.dumps(values)
+        values_bytes = reply.dumps(serializer, values)
     except BaseException as exc:
         if _interrupt_is_real(exc):
             raise

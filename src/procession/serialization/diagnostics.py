@@ -32,7 +32,15 @@ from procession.serialization import adapters
 from procession.serialization.recipes import Recipe
 from procession.serialization.serializers import Serializer, get_serializer, serializer_names
 
-__all__ = ["check_picklable", "check_report", "diagnose", "locate"]
+__all__ = [
+    "OutOfBand",
+    "check_picklable",
+    "check_report",
+    "describe_out_of_band",
+    "diagnose",
+    "locate",
+    "out_of_band_report",
+]
 
 # Bounds on the search, so a diagnosis of a huge object stays quick.
 MAX_ATTEMPTS = 2000
@@ -469,7 +477,7 @@ def _import_target(target: str) -> Any:
     return found
 
 
-def check_report(target: str) -> tuple[bool, str]:
+def check_report(target: str, *, threshold: int | str | None = None) -> tuple[bool, str]:
     """Import ``MODULE:ATTR`` and say whether it serializes with each serializer.
 
     Returns ``(ok, report)``: ``ok`` is True when the object can be sent with
@@ -505,6 +513,8 @@ def check_report(target: str) -> tuple[bool, str]:
         name = getattr(adapter.reduce, "__qualname__", None) or repr(adapter.reduce)
         lines.append(f"  an adapter handles {type_name(obj)}: {name} (kind={adapter.kind!r})")
     lines.extend(_stateful_note(obj))
+    if ok:
+        lines.append(describe_out_of_band(obj, threshold=threshold))
     return ok, "\n".join(lines)
 
 
@@ -522,3 +532,85 @@ def _stateful_note(obj: Any) -> list[str]:
         f"fresh Recipes): each task gets its own, as in the caller; as the mapped function "
         f"it is unpickled for every call"
     ]
+
+
+# -- large buffers: what would travel out of band --------------------------------
+
+
+@dataclass(frozen=True)
+class OutOfBand:
+    """One part of an object that would not travel in the byte stream."""
+
+    #: ``"shared memory"`` (written to a segment) or ``"file"`` (a memmap, sent by name).
+    kind: str
+    nbytes: int
+    #: The type of the object that owns the memory (``numpy.ndarray``, ``bytes``, ...).
+    owner: str
+    #: dtype and shape for numpy arrays, the file name and offset for memmaps.
+    detail: str
+
+
+def out_of_band_report(
+    obj: Any, serializer: Serializer | str | None = None, *, threshold: int | str | None = None
+) -> list[OutOfBand]:
+    """The parts of ``obj`` that a same-machine process backend would send out of band.
+
+    Example::
+
+        for part in out_of_band_report({"x": np.zeros(10**6)}):
+            print(part.kind, part.nbytes, part.owner)   # shared memory 8000000 numpy.ndarray
+    """
+    from procession.serialization import shm
+
+    chosen = get_serializer(serializer)
+    limit = shm.current().threshold if threshold is None else shm.parse_size(threshold)
+    if not chosen.supports_buffers:
+        return []
+    buffers, files, _ = shm.arena.out_of_band_parts(chosen, obj, limit)
+    parts: list[OutOfBand] = []
+    for buffer in buffers:
+        raw = buffer.raw()
+        owner = raw.obj
+        detail = ""
+        if hasattr(owner, "dtype") and hasattr(owner, "shape"):
+            detail = f"dtype={owner.dtype} shape={tuple(owner.shape)}"
+        parts.append(OutOfBand("shared memory", raw.nbytes, type_name(owner), detail))
+    for filename, start, nbytes in files:
+        parts.append(OutOfBand("file", nbytes, "numpy.memmap", f"{filename} at byte {start}"))
+    return parts
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def describe_out_of_band(
+    obj: Any, serializer: Serializer | str | None = None, *, threshold: int | str | None = None
+) -> str:
+    """:func:`out_of_band_report` as text, one line per part (for ``procession check``).
+
+    Example::
+
+        print(describe_out_of_band(np.zeros(10**6)))
+    """
+    from procession.serialization import shm
+
+    limit = shm.current().threshold if threshold is None else shm.parse_size(threshold)
+    try:
+        parts = out_of_band_report(obj, serializer, threshold=limit)
+    except Exception as exc:  # it does not serialize: the serializer lines say why
+        return f"  out-of-band: not computed ({type(exc).__name__})"
+    if not parts:
+        return f"  out-of-band: nothing (every buffer is under {_size(limit)}: all in-band)"
+    total = sum(part.nbytes for part in parts)
+    lines = [
+        f"  out-of-band on process backends (threshold {_size(limit)}): "
+        f"{len(parts)} part(s), {_size(total)}"
+    ]
+    for part in parts:
+        detail = f" {part.detail}" if part.detail else ""
+        lines.append(f"    {part.kind:<13} {_size(part.nbytes):>10}  {part.owner}{detail}")
+    return "\n".join(lines)

@@ -9,15 +9,24 @@ Every serializer applies procession's adapter registry (through
 ``copyreg`` or another library's global pickler), so a ``sqlite3.Connection``
 or a generator is turned into a :class:`~procession.Recipe` whatever the
 serializer.
+
+The built-in serializers take pickle protocol 5's ``buffer_callback=`` (in
+``dumps``) and ``buffers=`` (in ``loads``): large buffers then leave the byte
+stream and travel through shared memory (:mod:`procession.serialization.shm`).
+In that out-of-band mode they also send ``numpy.memmap`` arrays by file name,
+copy non-contiguous arrays once into a contiguous buffer, and let
+``bytearray`` buffers out of band; ``memoryview`` objects pickle in either mode.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from procession.errors import ProcessionError
@@ -53,6 +62,10 @@ class Serializer(ABC):
     name: str = ""
     #: Whether functions defined in ``__main__``, lambdas and closures travel by value.
     sends_code_by_value: bool = False
+    #: Whether ``dumps`` takes ``buffer_callback=`` and ``loads`` takes ``buffers=``
+    #: (pickle protocol 5 out-of-band buffers); only then do large buffers go
+    #: through shared memory.
+    supports_buffers: bool = False
 
     @abstractmethod
     def dumps(self, obj: Any) -> bytes:
@@ -70,6 +83,9 @@ class Serializer(ABC):
         return (get_serializer, (self.name,))
 
 
+BufferCallback = Callable[[pickle.PickleBuffer], Any]
+
+
 def _adapter_override(obj: Any) -> Any:
     """Return a reduce tuple when an adapter claims ``obj``, else NotImplemented."""
     reduce = adapters.find_reducer(type(obj))
@@ -78,23 +94,121 @@ def _adapter_override(obj: Any) -> Any:
     return adapters.reduce_with(reduce, obj)
 
 
+def _reduce_memoryview(view: memoryview) -> Any:
+    from procession.serialization.shm import rebuild
+
+    # PickleBuffer needs a contiguous buffer; a strided view is copied once.
+    source: Any = view
+    if not view.c_contiguous:
+        source = memoryview(view.tobytes()).cast(view.format, view.shape)  # type: ignore[call-overload]
+    return (
+        rebuild.memoryview_from,
+        (pickle.PickleBuffer(source), view.format, view.shape, view.readonly),
+    )
+
+
+def _reduce_bytearray(data: bytearray) -> Any:
+    from procession.serialization.shm import rebuild
+
+    return (rebuild.bytearray_from, (pickle.PickleBuffer(data),))
+
+
+def _numpy_reduce(obj: Any, buffer_callback: BufferCallback) -> Any:
+    """Large-buffer rules for numpy arrays in out-of-band mode (NotImplemented: numpy's own)."""
+    np = sys.modules["numpy"]
+    if obj.dtype.hasobject:
+        return NotImplemented
+    if isinstance(obj, np.memmap):
+        return _reduce_memmap(obj, np, buffer_callback)
+    if type(obj) is np.ndarray:
+        if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            # numpy would send a strided array in-band; one contiguous copy lets it out of band.
+            obj = np.ascontiguousarray(obj)
+        # numpy's protocol-5 reduction (a PickleBuffer), asked for explicitly: dill's
+        # pickler would otherwise use its own, in-band one.
+        return obj.__reduce_ex__(PROTOCOL)
+    return NotImplemented
+
+
+def _reduce_memmap(array: Any, np: Any, buffer_callback: BufferCallback) -> Any:
+    """Send a file-backed array as (file name, byte range): the receiver maps the same file."""
+    from procession.serialization.shm import rebuild
+
+    top = array
+    while isinstance(top.base, np.ndarray):
+        top = top.base
+    if not isinstance(top, np.memmap) or not top.filename or top.size == 0:
+        return NotImplemented  # not backed by a named file we can reopen: numpy's own pickling
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # numpy < 2
+        byte_bounds = np.byte_bounds
+    low, high = byte_bounds(array)
+    top_address = top.__array_interface__["data"][0]
+    address = array.__array_interface__["data"][0]
+    start = top.offset + (low - top_address)
+    mode = "r" if top.mode == "r" else "c"  # workers write copy-on-write, never to the file
+    filename = os.fspath(top.filename)
+    note = getattr(buffer_callback, "note_file", None)
+    if note is not None:
+        note(filename, start, high - low)
+    return (
+        rebuild.memmap_from_file,
+        (
+            filename,
+            mode,
+            start,
+            high - low,
+            array.dtype,
+            array.shape,
+            array.strides,
+            address - low,
+        ),
+    )
+
+
+def _buffer_override(obj: Any, buffer_callback: BufferCallback | None) -> Any:
+    """How buffer types pickle here; NotImplemented leaves ``obj`` to the usual rules."""
+    cls = type(obj)
+    if cls is memoryview:
+        return _reduce_memoryview(obj)
+    if buffer_callback is None:
+        return NotImplemented
+    if cls is bytearray:
+        return _reduce_bytearray(obj)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(obj, numpy.ndarray):
+        return _numpy_reduce(obj, buffer_callback)
+    return NotImplemented
+
+
 class _AdaptingPickler(pickle.Pickler):
+    def __init__(
+        self, file: Any, protocol: int, buffer_callback: BufferCallback | None = None
+    ) -> None:
+        super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+        self._buffer_callback = buffer_callback
+
     def reducer_override(self, obj: Any) -> Any:
-        return _adapter_override(obj)
+        reduced = _adapter_override(obj)
+        if reduced is NotImplemented:
+            return _buffer_override(obj, self._buffer_callback)
+        return reduced
 
 
 class PickleSerializer(Serializer):
     """The standard library's pickle, protocol 5, plus procession's adapters."""
 
     name = "pickle"
+    supports_buffers = True
 
-    def dumps(self, obj: Any) -> bytes:
+    def dumps(self, obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
         buffer = io.BytesIO()
-        _AdaptingPickler(buffer, protocol=PROTOCOL).dump(obj)
+        _AdaptingPickler(buffer, PROTOCOL, buffer_callback).dump(obj)
         return buffer.getvalue()
 
-    def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+    def loads(self, data: bytes, buffers: Iterable[Any] | None = None) -> Any:
+        return pickle.loads(data, buffers=buffers)
 
 
 class CloudpickleSerializer(Serializer):
@@ -102,6 +216,7 @@ class CloudpickleSerializer(Serializer):
 
     name = "cloudpickle"
     sends_code_by_value = True
+    supports_buffers = True
 
     def __init__(self) -> None:
         self._pickler_class: type[Any] | None = None
@@ -111,8 +226,16 @@ class CloudpickleSerializer(Serializer):
             import cloudpickle
 
             class AdaptingCloudPickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+                def __init__(
+                    self, file: Any, protocol: int, buffer_callback: BufferCallback | None = None
+                ) -> None:
+                    super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+                    self._buffer_callback = buffer_callback
+
                 def reducer_override(self, obj: Any) -> Any:
                     reduced = _adapter_override(obj)
+                    if reduced is NotImplemented:
+                        reduced = _buffer_override(obj, self._buffer_callback)
                     if reduced is NotImplemented:
                         return super().reducer_override(obj)
                     return reduced
@@ -120,13 +243,13 @@ class CloudpickleSerializer(Serializer):
             self._pickler_class = AdaptingCloudPickler
         return self._pickler_class
 
-    def dumps(self, obj: Any) -> bytes:
+    def dumps(self, obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
         buffer = io.BytesIO()
-        self._pickler()(buffer, protocol=PROTOCOL).dump(obj)
+        self._pickler()(buffer, PROTOCOL, buffer_callback).dump(obj)
         return buffer.getvalue()
 
-    def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+    def loads(self, data: bytes, buffers: Iterable[Any] | None = None) -> Any:
+        return pickle.loads(data, buffers=buffers)
 
 
 class DillSerializer(Serializer):
@@ -134,6 +257,7 @@ class DillSerializer(Serializer):
 
     name = "dill"
     sends_code_by_value = True
+    supports_buffers = True
 
     def __init__(self) -> None:
         self._pickler_class: type[Any] | None = None
@@ -148,21 +272,30 @@ class DillSerializer(Serializer):
                 ) from exc
 
             class AdaptingDillPickler(dill.Pickler):  # type: ignore[misc]
+                def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(file, *args, **kwargs)
+                    self._buffer_callback = kwargs.get("buffer_callback")
+
                 def reducer_override(self, obj: Any) -> Any:
-                    return _adapter_override(obj)
+                    reduced = _adapter_override(obj)
+                    if reduced is NotImplemented:
+                        return _buffer_override(obj, self._buffer_callback)
+                    return reduced
 
             self._pickler_class = AdaptingDillPickler
         return self._pickler_class
 
-    def dumps(self, obj: Any) -> bytes:
+    def dumps(self, obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
         buffer = io.BytesIO()
-        self._pickler()(buffer, protocol=PROTOCOL, recurse=True).dump(obj)
+        self._pickler()(
+            buffer, protocol=PROTOCOL, recurse=True, buffer_callback=buffer_callback
+        ).dump(obj)
         return buffer.getvalue()
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes, buffers: Iterable[Any] | None = None) -> Any:
         import dill
 
-        return dill.loads(data)
+        return dill.loads(data, buffers=buffers)
 
 
 _registry_lock = threading.Lock()

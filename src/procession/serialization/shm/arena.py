@@ -1,0 +1,643 @@
+"""Shared-memory segments and the arenas that own them.
+
+    parent (one Arena per map)                         worker (a Reply per task)
+    ──────────────────────────                         ─────────────────────────
+    dumps(items) ── pickle protocol 5 ──┐
+      buffer >= threshold: write it to  │
+      DIR/procession-<pid>-<nonce>-<map>-<n>   blob = MAGIC | header | payload
+      (same object again: same segment) └── task ──►  load_task(blob): map each
+                                                      segment copy-on-write
+                                                      (MAP_PRIVATE), loads(buffers=)
+    loads(result blob): map each        ◄── result ── Reply.dumps(values): buffers
+      segment, unlink it at once: the                 >= threshold written to
+      array now lives in that mapping                 DIR/<map prefix>r<pid>-<n>
+    release(lease) when a task is done;
+    close() at the end of the map: sweep DIR/<map prefix>*
+
+Segments are plain files in ``/dev/shm`` (or the temp folder once ``/dev/shm``
+is full) that this module creates, maps and unlinks itself: no
+``multiprocessing.shared_memory`` and so none of ``resource_tracker``'s traps
+(CPython issue 82300: a tracker that unlinks segments another process still
+uses, or warns about leaks that are not).  Every name starts with the parent's
+prefix, so whatever a crash leaves behind is swept by the map's ``close()``,
+by the parent at exit, or, when the parent itself is killed, by the cleanup
+process (:mod:`procession.serialization.shm.janitor`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import glob
+import itertools
+import mmap
+import os
+import pickle
+import secrets
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from procession.serialization.serializers import Serializer
+
+__all__ = [
+    "IN_BAND",
+    "MAGIC",
+    "NAME_PREFIX",
+    "Arena",
+    "InBand",
+    "Reply",
+    "SharedMemoryFullWarning",
+    "load_payload",
+    "owner_prefix",
+    "sweep_owner",
+]
+
+#: Every segment procession makes is named ``procession-<pid>-...``.
+NAME_PREFIX = "procession-"
+#: Marks a payload with out-of-band buffers.  A pickle starts with b"\x80", so
+#: a payload from a buffer-capable serializer can never start with this.
+MAGIC = b"\x00PZC"
+_HEADER = struct.Struct("<I")
+SHM_DIRECTORY = "/dev/shm"
+# Writes go through os.write in slices: one call moves at most ~2 GiB on Linux.
+_WRITE_SLICE = 1 << 30
+# Content checks before reusing a segment compare this much at a time.
+_COMPARE_SLICE = 1 << 22
+
+Ref = tuple[str, int]  # (path, nbytes) of a segment
+
+
+class SharedMemoryFullWarning(UserWarning):
+    """``/dev/shm`` had no room: large buffers go through files in the temp folder."""
+
+
+# -- per-process state: the name prefix and the cleanup process ---------------
+
+
+class _Owner:
+    """This process's segment names, and the cleanup process that outlives it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.prefix = f"{NAME_PREFIX}{self.pid}-{secrets.token_hex(3)}-"
+        self.maps = itertools.count()
+        self.janitor: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+        self.warned_full = False
+
+
+_owner: _Owner | None = None
+_owner_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # A forked child must not sweep (or reuse the names of) its parent's segments.
+    global _owner, _owner_lock
+    _owner = None
+    _owner_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _get_owner() -> _Owner:
+    global _owner
+    with _owner_lock:
+        if _owner is None:
+            _owner = _Owner()
+            atexit.register(_at_exit, _owner)
+        return _owner
+
+
+def owner_prefix() -> str:
+    """The name prefix of every segment this process owns (``procession-<pid>-<nonce>-``)."""
+    return _get_owner().prefix
+
+
+def _directories() -> tuple[str, str]:
+    """Where segments go: ``/dev/shm`` first, the temp folder when it is full or absent."""
+    return SHM_DIRECTORY, tempfile.gettempdir()
+
+
+def _start_janitor(owner: _Owner) -> None:
+    with owner.lock:
+        if owner.janitor is not None:
+            return
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "janitor.py")
+        process = subprocess.Popen(
+            [sys.executable, "-S", "-I", script, str(owner.pid), owner.prefix, *_directories()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        # The first process forks the real cleaner and exits: reap it now.
+        process.wait()
+        owner.janitor = process
+
+
+def sweep_owner(prefix: str) -> int:
+    """Delete every segment whose name starts with ``prefix``; return how many."""
+    removed = 0
+    for directory in dict.fromkeys(_directories()):
+        pattern = os.path.join(glob.escape(directory), glob.escape(prefix) + "*")
+        for path in glob.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
+def _at_exit(owner: _Owner) -> None:
+    if owner is not _owner or owner.pid != os.getpid():
+        return
+    sweep_owner(owner.prefix)
+    if owner.janitor is not None and owner.janitor.stdin is not None:
+        with contextlib.suppress(OSError):
+            owner.janitor.stdin.close()
+
+
+# -- segments -----------------------------------------------------------------
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    written = 0
+    total = len(data)
+    while written < total:
+        written += os.write(fd, data[written : written + _WRITE_SLICE])
+
+
+def _room(directory: str) -> int:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
+def write_segment(name: str, data: memoryview, directories: tuple[str, str]) -> str:
+    """Write ``data`` (1-D bytes) to a new file ``name`` in the first directory with room."""
+    shm, fallback = directories
+    nbytes = len(data)
+    candidates = [shm, fallback] if os.path.isdir(shm) else [fallback]
+    for directory in candidates:
+        if directory == shm and _room(shm) < nbytes:
+            _warn_full(nbytes, fallback)
+            continue
+        path = os.path.join(directory, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            if directory == shm and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                _warn_full(nbytes, fallback)
+                continue  # filled up while we wrote: try the temp folder
+            raise
+        os.close(fd)
+        return path
+    raise OSError(errno.ENOSPC, f"no room for a {nbytes}-byte segment in {' or '.join(candidates)}")
+
+
+def _warn_full(nbytes: int, fallback: str) -> None:
+    owner = _get_owner()
+    if owner.warned_full:
+        return
+    owner.warned_full = True
+    warnings.warn(
+        f"{SHM_DIRECTORY} has no room for a {nbytes}-byte buffer; large buffers now go "
+        f"through files in {fallback} (slower). Free space in {SHM_DIRECTORY}, enlarge it "
+        f"(e.g. docker run --shm-size=4g), or raise the threshold with "
+        f"procession.serialization.shm.large_buffers(threshold=...)",
+        SharedMemoryFullWarning,
+        stacklevel=4,
+    )
+
+
+def map_segment(path: str, nbytes: int, *, private: bool) -> mmap.mmap:
+    """Map a segment: copy-on-write (``private``) for arguments, shared for results."""
+    if private:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        flags, prot = mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Prefaulting a shared mapping costs one call, not a fault per page.
+        flags, prot = (
+            mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+            mmap.PROT_READ | (mmap.PROT_WRITE),
+        )
+    try:
+        # MAP_POPULATE is not used for private maps: it would break copy-on-write
+        # up front, copying every page.
+        return mmap.mmap(fd, nbytes, flags=flags, prot=prot)
+    finally:
+        os.close(fd)
+
+
+# -- the payload format ---------------------------------------------------------
+
+
+def _header(reply: tuple[str, tuple[str, str], int] | None, refs: list[Ref]) -> bytes:
+    header = pickle.dumps((reply, refs), 5)
+    return MAGIC + _HEADER.pack(len(header)) + header
+
+
+def _pack(
+    reply: tuple[str, tuple[str, str], int] | None,
+    refs: list[Ref],
+    payload: bytes,
+    empty: bytes | None = None,
+) -> bytes:
+    # ``empty``: the header for no refs, made once per map (small tasks pay nothing more).
+    header = empty if (empty is not None and not refs) else _header(reply, refs)
+    return header + payload
+
+
+def _unpack(data: bytes) -> tuple[tuple[str, tuple[str, str], int] | None, list[Ref], memoryview]:
+    view = memoryview(data)
+    (size,) = _HEADER.unpack_from(view, len(MAGIC))
+    start = len(MAGIC) + _HEADER.size
+    reply, refs = pickle.loads(view[start : start + size])
+    return reply, refs, view[start + size :]
+
+
+def has_buffers(data: bytes) -> bool:
+    """Whether ``data`` was made by an arena (and may name shared-memory segments)."""
+    return data[:4] == MAGIC
+
+
+# -- serializing with out-of-band buffers --------------------------------------
+
+
+class _Collector:
+    """The ``buffer_callback``: which buffers leave the byte stream."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.large: list[pickle.PickleBuffer] = []
+        self.files: list[tuple[str, int, int]] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        # Returning True keeps a buffer in-band.
+        if buffer.raw().nbytes < self.threshold:
+            return True
+        self.large.append(buffer)
+        return False
+
+    def note_file(self, filename: str, start: int, nbytes: int) -> None:
+        """A ``numpy.memmap`` is sent by file name: nothing to write, only to report."""
+        self.files.append((filename, start, nbytes))
+
+
+def out_of_band_parts(
+    serializer: Serializer, obj: Any, threshold: int
+) -> tuple[list[pickle.PickleBuffer], list[tuple[str, int, int]], int]:
+    """What serializing ``obj`` would send out of band: (buffers, memmap files, in-band size)."""
+    collector = _Collector(threshold)
+    payload = _oob_dumps(serializer, obj, collector)
+    return collector.large, collector.files, len(payload)
+
+
+def _oob_dumps(serializer: Serializer, obj: Any, collector: _Collector) -> bytes:
+    dumps: Any = serializer.dumps  # the built-ins take buffer_callback=
+    payload: bytes = dumps(obj, buffer_callback=collector)
+    if len(payload) >= collector.threshold:
+        # The C pickler never asks reducer_override about exact bytes and bytearray
+        # objects, so they stay in-band; wrap those in plain containers and re-dump.
+        wrapped, changed = _wrap_large_bytes(obj, collector.threshold, depth=4)
+        if changed:
+            collector.large.clear()
+            collector.files.clear()
+            payload = dumps(wrapped, buffer_callback=collector)
+    return payload
+
+
+class _LargeBytes:
+    """A ``bytes`` or ``bytearray`` that pickles with its buffer out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # bytes(buffer) / bytearray(buffer): one copy out of the mapping, as they own memory.
+        return (type(self.data), (pickle.PickleBuffer(self.data),))
+
+
+def _wrap_large_bytes(obj: Any, threshold: int, depth: int) -> tuple[Any, bool]:
+    cls = type(obj)
+    if cls is bytes or cls is bytearray:
+        return (_LargeBytes(obj), True) if len(obj) >= threshold else (obj, False)
+    if depth == 0:
+        return obj, False
+    if cls is list or cls is tuple:
+        parts = [_wrap_large_bytes(part, threshold, depth - 1) for part in obj]
+        if not any(changed for _, changed in parts):
+            return obj, False
+        values = [value for value, _ in parts]
+        return (values if cls is list else tuple(values)), True
+    if cls is dict:
+        items = {key: _wrap_large_bytes(value, threshold, depth - 1) for key, value in obj.items()}
+        if not any(changed for _, changed in items.values()):
+            return obj, False
+        return {key: value for key, (value, _) in items.items()}, True
+    return obj, False
+
+
+def _address(view: memoryview) -> int | None:
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return None
+    address: int = numpy.frombuffer(view, dtype=numpy.uint8).__array_interface__["data"][0]
+    return address
+
+
+def _same_content(a: memoryview, b: mmap.mmap) -> bool:
+    numpy = sys.modules.get("numpy")
+    view_b = memoryview(b)
+    try:
+        if numpy is not None:
+            # Word-wide compares in cache-sized slices run at memory speed.
+            word = numpy.uint64 if len(a) % 8 == 0 else numpy.uint8
+            left = numpy.frombuffer(a, dtype=word)
+            right = numpy.frombuffer(view_b, dtype=word)
+            step = _COMPARE_SLICE // left.itemsize
+            try:
+                return all(
+                    numpy.array_equal(left[i : i + step], right[i : i + step])
+                    for i in range(0, len(left), step)
+                )
+            finally:
+                del left, right
+        for start in range(0, len(a), _COMPARE_SLICE):
+            stop = start + _COMPARE_SLICE
+            # bytes == bytes is a memcmp; memoryview == memoryview compares item by item.
+            if a[start:stop].tobytes() != view_b[start:stop].tobytes():
+                return False
+        return True
+    finally:
+        view_b.release()
+
+
+@dataclass
+class _Segment:
+    path: str
+    nbytes: int
+    exporter: Any  # kept alive so its memory (the cache key) cannot be reused
+    users: int = 0
+    pinned: bool = False
+    # The parent's own read-only map, made on the first reuse to check the contents.
+    view: mmap.mmap | None = None
+
+
+@dataclass
+class Lease:
+    """The segments one task uses; released when the task is done."""
+
+    segments: list[_Segment] = field(default_factory=list)
+
+
+class InBand:
+    """No shared memory: the serializer's bytes as they are (threads, remote backends)."""
+
+    active = False
+
+    def dumps(self, serializer: Serializer, obj: Any, *, pin: bool = False) -> bytes:
+        return serializer.dumps(obj)
+
+    def dumps_leased(self, serializer: Serializer, obj: Any) -> tuple[bytes, Lease | None]:
+        return serializer.dumps(obj), None
+
+    def loads(self, serializer: Serializer, data: bytes) -> Any:
+        return serializer.loads(data)
+
+    def release(self, lease: Lease | None) -> None:
+        pass
+
+    def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
+        pass
+
+
+IN_BAND = InBand()
+
+
+class Arena(InBand):
+    """The parent's side of one map: writes large argument buffers, adopts large results.
+
+    Example::
+
+        arena = Arena(threshold=1 << 20)
+        try:
+            blob, lease = arena.dumps_leased(serializer, items)   # send blob to a worker
+            values = arena.loads(serializer, result_blob)         # its results, zero-copy
+            arena.release(lease)
+        finally:
+            arena.close()
+    """
+
+    active = True
+
+    def __init__(self, threshold: int) -> None:
+        owner = _get_owner()
+        if owner.janitor is None:
+            _start_janitor(owner)
+        self.threshold = threshold
+        self.prefix = f"{owner.prefix}{next(owner.maps)}-"
+        self.directories = _directories()
+        self._reply = (self.prefix, self.directories, threshold)
+        self._empty_header = _header(self._reply, [])
+        self._count = itertools.count()
+        self._lock = threading.Lock()
+        # (address, nbytes) -> segment, so the same array is written once per map.
+        self._by_address: dict[tuple[int, int], _Segment] = {}
+        self._closed = False
+
+    def dumps(self, serializer: Serializer, obj: Any, *, pin: bool = False) -> bytes:
+        """Serialize ``obj``; with ``pin`` its segments live until :meth:`close`."""
+        data, lease = self.dumps_leased(serializer, obj)
+        if lease is None:
+            return data
+        if not lease.segments:
+            # Plain serializer bytes: the same function pickles to the same bytes (and
+            # digest) in every map, so workers and the chunker recognise it.
+            return data[len(self._empty_header) :]
+        if pin:
+            for segment in lease.segments:
+                segment.pinned = True
+        return data
+
+    def dumps_leased(self, serializer: Serializer, obj: Any) -> tuple[bytes, Lease | None]:
+        """Serialize ``obj``; large buffers go to segments held until ``release(lease)``."""
+        if not serializer.supports_buffers:
+            return serializer.dumps(obj), None
+        collector = _Collector(self.threshold)
+        payload = _oob_dumps(serializer, obj, collector)
+        lease = Lease()
+        try:
+            for buffer in collector.large:
+                lease.segments.append(self._segment_for(buffer))
+        except BaseException:
+            self.release(lease)
+            raise
+        refs = [(segment.path, segment.nbytes) for segment in lease.segments]
+        return _pack(self._reply, refs, payload, self._empty_header), lease
+
+    def _segment_for(self, buffer: pickle.PickleBuffer) -> _Segment:
+        raw = buffer.raw()
+        exporter = raw.obj
+        address = _address(raw)
+        key = (address, raw.nbytes) if address is not None else None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this map has finished: its shared-memory arena is closed")
+            found = self._by_address.get(key) if key is not None else None
+            # Same memory is not same content: the caller may have changed the
+            # array in place since (a reused buffer); only bytes cannot change.
+            if found is not None and (type(exporter) is bytes or _unchanged(raw, found)):
+                found.users += 1
+                # Sent more than once: likely again, so keep it for the rest of the map
+                # rather than rewrite it whenever the in-flight window drains.
+                found.pinned = True
+                return found
+            name = f"{self.prefix}{next(self._count)}"
+        path = write_segment(name, raw, self.directories)
+        segment = _Segment(path, raw.nbytes, exporter, users=1)
+        with self._lock:
+            if key is not None:
+                self._by_address[key] = segment
+        return segment
+
+    def release(self, lease: Lease | None) -> None:
+        """A task is done with its segments: unlink those no other task needs."""
+        if lease is None:
+            return
+        with self._lock:
+            for segment in lease.segments:
+                segment.users -= 1
+                if segment.users <= 0 and not segment.pinned:
+                    self._drop(segment)
+            lease.segments.clear()
+
+    def _drop(self, segment: _Segment) -> None:
+        for key, known in list(self._by_address.items()):
+            if known is segment:
+                del self._by_address[key]
+        _close_view(segment)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(segment.path)
+
+    def loads(self, serializer: Serializer, data: bytes) -> Any:
+        """Load a worker's results; their large buffers become arrays over shared memory."""
+        return load_payload(serializer, data, private=False)[0]
+
+    def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
+        """Remove every segment of this map, the parent's and any a worker left.
+
+        A task in ``unfinished`` (running, so it could not be cancelled) may
+        still write its results: sweep again when it ends.
+        """
+        with self._lock:
+            self._closed = True
+            for segment in self._by_address.values():
+                _close_view(segment)
+            self._by_address.clear()
+        sweep_owner(self.prefix)
+        for future in unfinished:
+            if not future.done():
+                future.add_done_callback(self._sweep_late)
+
+    def _sweep_late(self, _: Future[Any]) -> None:
+        sweep_owner(self.prefix)
+
+
+def _unchanged(raw: memoryview, segment: _Segment) -> bool:
+    if segment.view is None:
+        fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # Shared and prefaulted: later checks of the same segment read at memory speed.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            segment.view = mmap.mmap(fd, segment.nbytes, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+    return _same_content(raw, segment.view)
+
+
+def _close_view(segment: _Segment) -> None:
+    if segment.view is not None:
+        with contextlib.suppress(BufferError):
+            segment.view.close()
+        segment.view = None
+
+
+# -- the worker's side --------------------------------------------------------
+
+
+class Reply(InBand):
+    """How a worker sends a task's results: large buffers to segments under the map's prefix."""
+
+    active = True
+
+    def __init__(self, prefix: str, directories: tuple[str, str], threshold: int) -> None:
+        self.prefix = f"{prefix}r{os.getpid()}-"
+        self.directories = directories
+        self.threshold = threshold
+
+    def dumps(self, serializer: Serializer, obj: Any, *, pin: bool = False) -> bytes:
+        collector = _Collector(self.threshold)
+        payload = _oob_dumps(serializer, obj, collector)
+        refs: list[Ref] = []
+        try:
+            for buffer in collector.large:
+                raw = buffer.raw()
+                name = f"{self.prefix}{secrets.token_hex(4)}"
+                refs.append((write_segment(name, raw, self.directories), raw.nbytes))
+        except BaseException:
+            for path, _ in refs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
+        if not refs:
+            return payload  # nothing out of band: the parent reads plain serializer bytes
+        return _pack(None, refs, payload)
+
+
+def load_payload(serializer: Serializer, data: bytes, *, private: bool) -> tuple[Any, InBand]:
+    """Load ``data``; also return how to send results back (a :class:`Reply` or in-band).
+
+    ``private``: map segments copy-on-write and leave them (the parent owns
+    them); otherwise map them shared and unlink them at once (results: the
+    parent now owns the memory, and it is freed with the last array using it).
+    """
+    if not (serializer.supports_buffers and has_buffers(data)):
+        return serializer.loads(data), IN_BAND
+    reply, refs, payload = _unpack(data)
+    buffers: list[Any] = []
+    try:
+        for path, nbytes in refs:
+            buffers.append(map_segment(path, nbytes, private=private))
+    finally:
+        if not private:
+            for path, _ in refs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    loads: Any = serializer.loads
+    obj = loads(payload, buffers=buffers)
+    return obj, (Reply(*reply) if reply is not None else IN_BAND)
+
+
+def segment_names(prefix: str | None = None) -> Iterator[str]:
+    """Paths of live segments whose names start with ``prefix`` (default: every procession one)."""
+    start = prefix or NAME_PREFIX
+    for directory in dict.fromkeys(_directories()):
+        yield from glob.glob(os.path.join(glob.escape(directory), glob.escape(start) + "*"))
