@@ -554,9 +554,8 @@ class DaskBackend(Backend):
             self._attempts.clear()
             self._by_future.clear()
         for attempt in attempts:
-            _fail(
-                attempt.future,
-                WorkerCrashedError("the dask backend was shut down before this task finished"),
+            attempt.future.settle(
+                exc=WorkerCrashedError("the dask backend was shut down before this task finished")
             )
         dask_futures = [a.dask_future for a in attempts if a.dask_future is not None]
         with contextlib.suppress(Exception):
@@ -655,7 +654,7 @@ class DaskBackend(Backend):
             with self._lock:
                 self._attempts.pop(attempt.tag, None)
                 self._by_future.pop(attempt.future, None)
-            _fail(attempt.future, exc)
+            attempt.future.settle(exc=exc)
             return
         attempt.dask_future = dask_future
         if attempt.future.cancelled():
@@ -837,15 +836,7 @@ class DaskBackend(Backend):
         with self._lock:
             if self._by_future.get(attempt.future) is attempt:
                 del self._by_future[attempt.future]
-        future = attempt.future
-        if exc is not None:
-            _fail(future, exc)
-            return
-        assert value is not None
-        with contextlib.suppress(Exception):  # cancelled or killed meanwhile
-            if not future.running():
-                future.set_running_or_notify_cancel()
-            future.set_result(value)
+        attempt.future.settle(value, exc=exc)
 
     def _on_task_future_done(self, future: Future[bytes]) -> None:
         """A task finished (or was cancelled before it started: drop its Dask task)."""
@@ -901,7 +892,7 @@ class DaskBackend(Backend):
                     name="procession-dask-kill",
                     daemon=True,
                 ).start()
-        _fail(future, WorkerCrashedError(f"the task was {how}"))
+        future.settle(exc=WorkerCrashedError(f"the task was {how}"))
 
     @staticmethod
     def _kill_remote(client: Any, address: str, pid: int) -> None:
@@ -1066,10 +1057,3 @@ def _cancel(dask_future: Any) -> None:
             dask_future.cancel()
     except Exception:
         pass  # the client is closing: the task goes with it
-
-
-def _fail(future: TaskFuture, exc: BaseException) -> None:
-    with contextlib.suppress(Exception):  # settled concurrently: keep the first answer
-        if not future.running() and not future.set_running_or_notify_cancel():
-            return
-        future.set_exception(exc)

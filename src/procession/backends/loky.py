@@ -961,12 +961,5 @@ class LokyBackend(Backend):
 def _settle(
     future: TaskFuture, error: BaseException | None = None, *, result: bytes | None = None
 ) -> None:
-    """Resolve ``future`` unless it is already resolved (or was cancelled)."""
-    if future.done():
-        return
-    with contextlib.suppress(Exception):  # resolved concurrently: the first answer stands
-        if future.running() or future.set_running_or_notify_cancel():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
+    """Resolve ``future`` unless it is already resolved (first answer wins)."""
+    future.settle(result, exc=error)

@@ -453,8 +453,8 @@ class ProcessBackend(Backend):
                     self._dispatch_idle()
                 elif not self._stopped:
                     self._send_next(w)
-            if future is not None and not future.done():
-                future.set_result(payload)
+            if future is not None:
+                future.settle(payload)
         elif kind == READY:
             with self._lock:
                 w.ready = True
@@ -507,10 +507,10 @@ class ProcessBackend(Backend):
                 self._workers.append(self._spawn())
             self._dispatch_idle()
         self._close_worker(w)
-        if future is not None and not future.done():
-            future.set_exception(
-                # WorkerMemoryError when the memory watcher stopped it.
-                self.resources.crash_error(
+        if future is not None:
+            # WorkerMemoryError when the memory watcher stopped it.
+            future.settle(
+                exc=self.resources.crash_error(
                     describe_exit(pid, exitcode) + " while running a task",
                     pid=pid,
                     exitcode=exitcode,
@@ -554,11 +554,7 @@ class ProcessBackend(Backend):
             if stop:
                 self._stopped = True
         for future in [*queued, *running]:
-            if future.done():
-                continue
-            with contextlib.suppress(Exception):
-                if future.running() or future.set_running_or_notify_cancel():
-                    future.set_exception(error)
+            future.settle(exc=error)
 
     # -- shutting down --------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 from procession import worker
@@ -54,18 +54,14 @@ class ThreadBackend(Backend):
                 self._unfinished.discard(future)
             return
         if self._init_error is not None:
-            future.set_exception(self._init_error)
+            future.settle(exc=self._init_error)
             return
         future.mark_started(threading.current_thread().name)
-        # InvalidStateError: shutdown(kill=True) already failed this future.
+        # settle(): shutdown(kill=True) may have failed this future already.
         try:
-            result = worker.run_task(task)
+            future.settle(worker.run_task(task))
         except BaseException as exc:
-            with contextlib.suppress(InvalidStateError):
-                future.set_exception(exc)
-        else:
-            with contextlib.suppress(InvalidStateError):
-                future.set_result(result)
+            future.settle(exc=exc)
         finally:
             with self._lock:
                 self._unfinished.discard(future)
@@ -94,10 +90,9 @@ class ThreadBackend(Backend):
                 with contextlib.suppress(RuntimeError):
                     future.set_running_or_notify_cancel()
                 continue
-            with contextlib.suppress(InvalidStateError):
-                future.set_exception(
-                    WorkerCrashedError("the thread pool was shut down before this task finished")
-                )
+            future.settle(
+                exc=WorkerCrashedError("the thread pool was shut down before this task finished")
+            )
 
     @property
     def started(self) -> bool:
