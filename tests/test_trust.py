@@ -275,3 +275,31 @@ def test_kill_workers_sends_sigkill_terminate_sigterm(method: str, exitcode: int
     getattr(ex, method)()
     worker.process.join(5)
     assert worker.process.exitcode == exitcode
+
+
+# -- a failing initializer is reported one way on every backend ----------------------
+
+
+def broken_initializer() -> None:
+    raise ValueError("the initializer broke")
+
+
+@pytest.mark.timeout(90)
+def test_failing_initializer_is_reported_one_way_on_every_backend(backend_name: str) -> None:
+    ex = procession.Executor(
+        backend=backend_name,
+        workers=workers_up_to(backend_name, 2),
+        initializer=broken_initializer,
+    )
+    try:
+        for value in (-1, -2):
+            with pytest.raises(procession.WorkerCrashedError) as info:
+                ex.submit(abs, value).result(timeout=60)
+            assert str(info.value).startswith(
+                "the worker initializer raised builtins.ValueError: the initializer broke; "
+                "the pool runs no more tasks"
+            )
+            assert isinstance(info.value.__cause__, RemoteTraceback)
+            assert "broken_initializer" in str(info.value.__cause__)
+    finally:
+        ex.kill_workers()

@@ -97,6 +97,22 @@ class WorkerCrashedError(ProcessionError, BrokenProcessPool):
         self.exitcode = exitcode
         self.items = items
 
+    @classmethod
+    def initializer_failed(
+        cls, type_name: str, message: str, traceback_text: str
+    ) -> WorkerCrashedError:
+        """The one report, on every backend, of a worker initializer that raised.
+
+        Every task of the pool then fails with it; the traceback of the
+        initializer is attached as ``__cause__``.
+        """
+        error = cls(
+            f"the worker initializer raised {type_name}: {message}; the pool runs no more "
+            f"tasks (fix the initializer, then create a new pool or Executor)"
+        )
+        error.__cause__ = RemoteTraceback(traceback_text)
+        return error
+
     @property
     def signal_name(self) -> str | None:
         if self.exitcode is None or self.exitcode >= 0:

@@ -232,5 +232,34 @@ def initialize_worker(setup: bytes | None) -> None:
     initializer(*initargs)
 
 
+def initializer_failure(setup: bytes | None) -> BaseException | None:
+    """Run the initializer for an in-process backend; the error every task must fail with.
+
+    Returns None when it succeeded, else the ``WorkerCrashedError`` that every
+    process backend reports for a failing initializer (its traceback as
+    ``__cause__``), so in-process backends report it the same way.
+
+    Example::
+
+        self._init_error = procession.worker.initializer_failure(self.worker_setup)
+        ...
+        if self._init_error is not None:
+            future.settle(exc=self._init_error)
+    """
+    import traceback
+
+    from procession.errors import WorkerCrashedError
+
+    try:
+        initialize_worker(setup)
+    except BaseException as exc:
+        return WorkerCrashedError.initializer_failed(
+            f"{type(exc).__module__}.{type(exc).__qualname__}",
+            str(exc),
+            "".join(traceback.format_exception(exc)),
+        )
+    return None
+
+
 def worker_label() -> str:
     return f"pid {os.getpid()}"

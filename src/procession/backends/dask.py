@@ -82,7 +82,7 @@ from procession.backends._resources import (
 )
 from procession.backends._worker_process import describe_exit
 from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
+from procession.errors import BackendUnavailableError, WorkerCrashedError
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -720,12 +720,9 @@ class DaskBackend(Backend):
                 return  # killed, cancelled or shut down: already settled
             del self._attempts[attempt.tag]
         if isinstance(error, WorkerSetupError):
-            crash = WorkerCrashedError(
-                f"the worker initializer raised {error.type_name}: {error.message}; every "
-                f"task of this backend fails the same way (fix the initializer, then "
-                f"create a new backend or Executor)"
+            crash = WorkerCrashedError.initializer_failed(
+                error.type_name, error.message, error.traceback_text
             )
-            crash.__cause__ = RemoteTraceback(error.traceback_text)
             self._settle(attempt, exc=crash)
             return
         if not _is_worker_loss(error):

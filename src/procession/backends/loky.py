@@ -84,7 +84,7 @@ from procession.backends._worker_process import (
     watch_parent,
 )
 from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.errors import BackendUnavailableError, RemoteTraceback, WorkerCrashedError
+from procession.errors import BackendUnavailableError, WorkerCrashedError
 
 __all__ = ["LokyBackend"]
 
@@ -878,11 +878,7 @@ class LokyBackend(Backend):
 
     def _break_on_init(self, payload: bytes) -> WorkerCrashedError:
         type_name, text, tb_text = pickle.loads(payload)
-        error = WorkerCrashedError(
-            f"the worker initializer raised {type_name}: {text}; the pool runs no more tasks "
-            f"(fix the initializer, then create a new pool)"
-        )
-        error.__cause__ = RemoteTraceback(tb_text)
+        error = WorkerCrashedError.initializer_failed(type_name, text, tb_text)
         with self._lock:
             self._broken = error
             generation = self._generation

@@ -75,7 +75,7 @@ from procession.backends._worker_process import (
     watch_parent,
 )
 from procession.backends.base import Backend, Capabilities, TaskFuture
-from procession.errors import RemoteTraceback, WorkerCrashedError
+from procession.errors import WorkerCrashedError
 
 __all__ = ["ProcessBackend"]
 
@@ -465,11 +465,7 @@ class ProcessBackend(Backend):
             deliver_output(kind, payload, w.process.pid)
         elif kind == INIT_FAILED:
             type_name, message_text, tb_text = pickle.loads(payload)
-            error = WorkerCrashedError(
-                f"the worker initializer raised {type_name}: {message_text}; the pool will not "
-                f"start more workers (fix the initializer, then create a new pool)"
-            )
-            error.__cause__ = RemoteTraceback(tb_text)
+            error = WorkerCrashedError.initializer_failed(type_name, message_text, tb_text)
             with self._lock:
                 self._broken = error
             self._fail_everything(error, stop=False)

@@ -31,21 +31,25 @@ class SerialBackend(Backend):
                 f"'process'"
             )
         self._initialized = False
+        self._init_error: BaseException | None = None
 
     def start(self) -> None:
         if not self._initialized:
-            worker.initialize_worker(self.worker_setup)
+            self._init_error = worker.initializer_failure(self.worker_setup)
             self._initialized = True
 
     def submit(self, task: bytes) -> TaskFuture:
         self.start()
         future = TaskFuture()
         future.set_running_or_notify_cancel()
+        if self._init_error is not None:
+            future.settle(exc=self._init_error)
+            return future
         future.mark_started("caller")
         try:
-            future.set_result(worker.run_task(task))
+            future.settle(worker.run_task(task))
         except BaseException as exc:
-            future.set_exception(exc)
+            future.settle(exc=exc)
         return future
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:

@@ -33,10 +33,9 @@ class ThreadBackend(Backend):
         self._unfinished: set[TaskFuture] = set()
 
     def _initialize(self) -> None:
-        try:
-            worker.initialize_worker(self.worker_setup)
-        except BaseException as exc:
-            self._init_error = exc
+        error = worker.initializer_failure(self.worker_setup)
+        if error is not None:
+            self._init_error = error
 
     def start(self) -> None:
         with self._lock:

@@ -20,19 +20,24 @@ class InlineBackend(procession.Backend):
         super().__init__(workers=1, worker_setup=worker_setup)
         self.tasks_run = 0
         self._initialized = False
+        self._init_error: BaseException | None = None
 
     def start(self) -> None:
         if not self._initialized:
-            worker.initialize_worker(self.worker_setup)
+            # A failing initializer fails every task, as on procession's own backends.
+            self._init_error = worker.initializer_failure(self.worker_setup)
             self._initialized = True
 
     def submit(self, task: bytes) -> procession.TaskFuture:
         self.start()
         future = procession.TaskFuture()
         future.set_running_or_notify_cancel()
+        if self._init_error is not None:
+            future.settle(exc=self._init_error)
+            return future
         future.mark_started("inline")
         self.tasks_run += 1
-        future.set_result(worker.run_task(task))
+        future.settle(worker.run_task(task))
         return future
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
