@@ -71,6 +71,9 @@ POLL_SECONDS = 0.05
 # A chunk is sent when it is full or when reading it has taken this long, so a
 # slow source's first result arrives after about one item period, not one chunk.
 LINGER_SECONDS = 0.02
+# A task over its timeout= whose future is still unsettled this long after the
+# kill is killed again.
+KILL_AGAIN_SECONDS = 2.0
 
 #: What :meth:`TimedSource.read` returns when no item came within its timeout.
 IDLE: Any = type("Idle", (), {"__repr__": lambda self: "IDLE"})()
@@ -121,6 +124,7 @@ class Chunk:
     attempts: int = 0
     submitted_at: float = 0.0
     timed_out: bool = False
+    killed_at: float = 0.0
     # Shared-memory segments of this chunk's large buffers (released when it is done).
     lease: shm.arena.Lease | None = None
 
@@ -497,8 +501,10 @@ class MapRun:
             return None
         now = time.monotonic()
         nearest = POLL_SECONDS
-        for future in self._pending:
-            if future.started_at is not None:
+        for future, chunk in self._pending.items():
+            # A task already killed for its timeout waits for its worker's death,
+            # not in a busy loop.
+            if future.started_at is not None and not chunk.timed_out:
                 nearest = min(nearest, future.started_at + self._timeout - now)
         return max(nearest, 0.0)
 
@@ -508,13 +514,16 @@ class MapRun:
         now = time.monotonic()
         for future, chunk in list(self._pending.items()):
             started = future.started_at
-            if (
-                not chunk.timed_out
-                and started is not None
-                and not future.done()
-                and now - started > self._timeout
-            ):
+            if started is None or future.done():
+                continue
+            if not chunk.timed_out and now - started > self._timeout:
                 chunk.timed_out = True
+                chunk.killed_at = now
+                self._backend.kill_task(future)
+            elif chunk.timed_out and now - chunk.killed_at > KILL_AGAIN_SECONDS:
+                # The kill did not land (the task moved between workers meanwhile,
+                # say): ask again rather than wait forever.
+                chunk.killed_at = now
                 self._backend.kill_task(future)
 
     def _run(self) -> Generator[Iterator[Any], None, None]:
