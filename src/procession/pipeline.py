@@ -657,9 +657,9 @@ class _Runner:
                     for each in value:
                         out.put(each)
         finally:
-            run.close()  # cancels whatever is still in flight
-            with self.lock:
-                self.runs.pop(position, None)
+            # Cancels what is queued; a task still running stays known to the run,
+            # so shutdown() can kill it after the grace period.
+            run.close()
         return source.ended
 
     # -- shutting down --------------------------------------------------------
@@ -684,6 +684,9 @@ class _Runner:
         deadline = time.monotonic() + GRACE_SECONDS
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
+        # Tasks still running after the grace period are killed where the backend
+        # can: nobody will read their results.
+        self._kill_running(after_grace=deadline)
         # Still waiting for running tasks: kill them where the backend can, again
         # and again, since a backend may hand a killed worker's other tasks to a
         # new worker.  On a backend that cannot kill (threads), the stage's
@@ -694,7 +697,9 @@ class _Runner:
             for thread in threads:
                 thread.join(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
-    def _kill_running(self) -> None:
+    def _kill_running(self, *, after_grace: float | None = None) -> None:
+        if after_grace is not None:
+            time.sleep(max(after_grace - time.monotonic(), 0.0))
         self._abort_runs(kill=True)
 
     def _abort_runs(self, *, kill: bool) -> None:

@@ -252,6 +252,7 @@ class MapRun:
         self._input_error: BaseException | None = None
         self._pending: dict[TaskFuture, Chunk] = {}
         self._aborted = False
+        self._left_running: list[TaskFuture] = []
         # Settled by abort() to wake the loop's wait(): a future cancelled before it
         # started counts as done there only once its backend acknowledges it.
         self._wakeup: Future[None] = Future()
@@ -294,7 +295,7 @@ class MapRun:
         with contextlib.suppress(Exception):
             self._wakeup.set_result(None)
         can_kill = kill and self._backend.capabilities.kill
-        for future in list(self._pending):
+        for future in [*self._pending, *self._left_running]:
             if not future.cancel() and can_kill and not future.done():
                 self._backend.kill_task(future)
 
@@ -540,6 +541,8 @@ class MapRun:
         finally:
             for future in self._pending:
                 future.cancel()
+            # Running tasks finish for nobody unless abort(kill=True) stops them later.
+            self._left_running = [f for f in self._pending if not f.done()]
             # Removes this map's segments, whatever happened (and late results' ones).
             self._arena.close(self._pending)
             self._pending.clear()
