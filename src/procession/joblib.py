@@ -54,21 +54,14 @@ from joblib.parallel import (
 
 from procession import pools
 from procession.api import Executor, default_backend_name
+from procession.backends._resources import THREAD_ENV_VARS
 from procession.backends.base import Backend
 from procession.worker import in_worker
 
 __all__ = ["ProcessionBackend", "register"]
 
 #: The environment variables joblib's loky backend sets to cap native thread pools.
-THREAD_LIMIT_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMBA_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
+THREAD_LIMIT_VARS = THREAD_ENV_VARS
 
 _registered: set[str] = set()
 _register_lock = threading.Lock()
