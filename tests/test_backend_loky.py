@@ -128,7 +128,7 @@ def test_worker_output_reaches_the_parent(
     deadline = time.monotonic() + 5  # output travels beside the results, not with them
     out = err = ""
     while time.monotonic() < deadline and not (
-        "out 2" in out and "err 2" in err and len(caplog.records) >= 2
+        all(f"out {x}" in out and f"err {x}" in err for x in (1, 2)) and len(caplog.records) >= 2
     ):
         captured = capsys.readouterr()
         out, err = out + captured.out, err + captured.err
