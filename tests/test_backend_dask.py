@@ -72,6 +72,7 @@ def test_map_ordered_and_unordered() -> None:
         kill=True,
         crash_detection=True,
         remote=True,
+        buffer_store=True,
         memory_limit=True,
         threads_per_worker=True,
         env=True,
@@ -491,3 +492,75 @@ def test_only_a_bounded_prefetch_reaches_dask() -> None:
         assert all(f.exception() is None for f in futures if not f.cancelled())
     finally:
         backend.shutdown(wait=True)
+
+
+# -- large arguments: scattered once per map ----------------------------------------
+
+
+def _buffer_keys(client: Any) -> set[str]:
+    held = client.has_what()
+    return {key for keys in held.values() for key in keys if "procession-buffer-" in str(key)}
+
+
+def test_large_arguments_are_scattered_once_not_sent_with_each_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    np = pytest.importorskip("numpy")
+    array = np.arange(1 << 18, dtype=np.float64)  # 2 MiB
+    backend = shared()
+    sent: list[tuple[int, int]] = []
+    real = DaskBackend.submit_with_buffers
+
+    def recording(self: DaskBackend, task: bytes, buffers: list[Any]) -> Any:
+        sent.append((len(task), len(buffers)))
+        return real(self, task, buffers)
+
+    monkeypatch.setattr(DaskBackend, "submit_with_buffers", recording)
+
+    def total(x: Any, offset: int) -> float:
+        x[0] = -1.0  # every task has its own writable copy
+        return float(x.sum()) + offset
+
+    expected = [float(array.sum()) - 1.0 + i for i in range(8)]
+    pairs = [(array, i) for i in range(8)]
+    got = list(procession.map(lambda p: total(*p), pairs, backend=backend, chunksize=1))
+    assert got == expected
+    assert array[0] == 0.0  # the parent's array is untouched
+    assert len(sent) == 8
+    assert all(size < 64 * 1024 and count == 1 for size, count in sent), sent
+    # The function carries it (a partial): stored once, delivered with every task.
+    sent.clear()
+    got = list(
+        procession.map(functools.partial(total, array), range(8), backend=backend, chunksize=1)
+    )
+    assert got == expected
+    assert all(size < 64 * 1024 and count == 1 for size, count in sent), sent
+    # Released when the map ends: the cluster keeps no buffer of ours.
+    client = backend.client
+    deadline = time.monotonic() + 10
+    while _buffer_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _buffer_keys(client) == set()
+
+
+def test_a_scattered_buffer_lost_with_its_worker_is_scattered_again(tmp_path: Path) -> None:
+    """One worker holds the only copy; it dies mid-map; the retries still get the data."""
+    np = pytest.importorskip("numpy")
+    array = np.ones(1 << 18)
+    marker = str(tmp_path / "died")
+
+    def die_once(pair: tuple[Any, int]) -> float:
+        x, i = pair
+        if i == 2 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return float(x.sum()) + i
+
+    backend = procession.create_backend("dask", workers=1)
+    pairs = [(array, i) for i in range(6)]
+    try:
+        got = list(procession.map(die_once, pairs, backend=backend, chunksize=1, retries=2))
+        assert got == [float(array.sum()) + i for i in range(6)]
+        assert os.path.exists(marker)
+    finally:
+        backend.shutdown()

@@ -82,6 +82,29 @@ def parent_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
+@pytest.fixture
+def stored_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the buffers handed to a backend's store (Dask's scatter), in this process."""
+    sizes: list[int] = []
+    from procession.backends.dask import DaskBackend
+
+    real = DaskBackend.store_buffer
+
+    def counting(self: DaskBackend, data: bytes) -> procession.StoredBuffer:
+        sizes.append(len(data))
+        return real(self, data)
+
+    monkeypatch.setattr(DaskBackend, "store_buffer", counting)
+    return sizes
+
+
+def _stores_buffers(backend_name: str) -> bool:
+    """Whether the backend keeps large arguments itself (Dask: scattered once per map)."""
+    capabilities = procession.available_backends()[backend_name].capabilities
+    assert capabilities is not None
+    return capabilities.buffer_store and not _same_machine(backend_name)
+
+
 # -- functions run in workers (module level: every serializer can send them) ---
 
 
@@ -289,7 +312,7 @@ def test_full_shm_falls_back_to_the_temp_folder(monkeypatch: pytest.MonkeyPatch)
         with pytest.warns(shm.SharedMemoryFullWarning, match="/dev/shm has no room"):
             data, lease = arena.dumps_leased(chosen, [np.ones(4096)])
         assert lease is not None
-        assert lease.segments[0].path.startswith(arena_module._directories()[1])
+        assert lease.segments[0].where.startswith(arena_module._directories()[1])
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only once
             arena.dumps_leased(chosen, [np.ones(4097)])
@@ -321,6 +344,12 @@ def test_threshold_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_only_same_machine_process_backends_get_an_arena() -> None:
     assert shm.arena_for(procession.create_backend("threads", workers=1)) is shm.IN_BAND
+    # Dask keeps buffers itself (scatter): a store-backed arena, no shared memory.
+    dask_backend = procession.create_backend("dask", workers=1)
+    stored = shm.arena_for(dask_backend)
+    assert isinstance(stored, shm.StoredArena) and stored.stored
+    stored.close()
+    assert not dask_backend.started
     backend = procession.create_backend("process", workers=1)
     arena = shm.arena_for(backend)
     try:
@@ -420,20 +449,35 @@ def test_worker_writes_are_copy_on_write(process_backend_name: str) -> None:
 
 
 def test_same_array_to_many_tasks_is_written_once(
-    process_backend_name: str, parent_writes: list[int]
+    process_backend_name: str, parent_writes: list[int], stored_sizes: list[int]
 ) -> None:
     array = np.ones(MiB // 4)  # 2 MiB
-    once = [array.nbytes] if _same_machine(process_backend_name) else []  # dask: in-band
+    # Same machine: one shared-memory segment; dask: scattered once.
+    written = stored_sizes if _stores_buffers(process_backend_name) else parent_writes
     with procession.Executor(backend=process_backend_name, workers=2) as executor:
         totals = list(executor.map(float, [array.sum()] * 3))  # warm-up, nothing large
-        assert parent_writes == []
+        assert parent_writes == stored_sizes == []
         totals = list(executor.map(sum_of, [array] * 12, range(12), chunksize=1))
         assert totals == [float(array.sum())] * 12
-        assert parent_writes == once
+        assert written == [array.nbytes]
         # In the function (a partial): written once per map, not per task.
         totals = list(executor.map(functools.partial(sum_of, array), range(12), chunksize=1))
         assert totals == [float(array.sum())] * 12
-        assert parent_writes == once * 2
+        assert written == [array.nbytes] * 2
+
+        # Items from a generator that changes the array in place between items:
+        # each task sees the array as it was when its item was read.
+        def refilled() -> Iterator[np.ndarray]:
+            for value in range(4):
+                array[:] = value
+                yield array
+
+        totals = list(executor.map(sum_of, refilled(), range(4), chunksize=1))
+        assert totals == [float(value * array.size) for value in range(4)]
+        future = executor.submit(sum_of, array, 0)
+        assert future.result(timeout=60) == float(3 * array.size)
+    # Four changed contents from the generator, one for the submitted call.
+    assert written == [array.nbytes] * 7
 
 
 def test_small_arguments_never_touch_shared_memory(
@@ -469,7 +513,7 @@ def arrow_summary(value: Any) -> tuple[str, int]:
 
 
 def test_pyarrow_buffers_and_tables_round_trip(
-    process_backend_name: str, parent_writes: list[int]
+    process_backend_name: str, parent_writes: list[int], stored_sizes: list[int]
 ) -> None:
     import pyarrow as pa  # a dev dependency
 
@@ -480,6 +524,8 @@ def test_pyarrow_buffers_and_tables_round_trip(
         assert seen == [("Buffer", 2 * MiB), ("Table", int(np.arange(MiB // 4).sum()))]
         if _same_machine(process_backend_name):
             assert sorted(parent_writes) == [2 * MiB, 2 * MiB]  # both out of band
+        elif _stores_buffers(process_backend_name):
+            assert sorted(stored_sizes) == [2 * MiB, 2 * MiB]
         (back,) = executor.map(echo, [table])
         assert back.equals(table)
         (raw,) = executor.map(echo, [buffer])

@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "Backend": "procession.backends.base",
     "Capabilities": "procession.backends.base",
     "TaskFuture": "procession.backends.base",
+    "StoredBuffer": "procession.backends.base",
     "BackendInfo": "procession.backends.registry",
     "available_backends": "procession.backends.registry",
     "create_backend": "procession.backends.registry",
@@ -65,6 +66,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "Serializer",
+    "StoredBuffer",
     "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
@@ -85,7 +87,7 @@ __all__ = [
 if TYPE_CHECKING:
     from procession.aio import amap
     from procession.api import Executor, map
-    from procession.backends.base import Backend, Capabilities, TaskFuture
+    from procession.backends.base import Backend, Capabilities, StoredBuffer, TaskFuture
     from procession.backends.registry import (
         BackendInfo,
         available_backends,

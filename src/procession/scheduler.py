@@ -226,8 +226,9 @@ class MapRun:
             self._length = None
         self._backend = backend
         self._serializer = serializer
-        # Large buffers go through shared memory on same-machine process backends.
-        self._arena = shm.arena_for(backend)
+        # Large buffers go through shared memory on same-machine process backends,
+        # or to the backend's own store (Dask, Ray): see shm.arena_for.
+        self._arena = shm.arena_for(backend, stable_source=isinstance(iterable, (list, tuple)))
         try:
             self._fn = encode_function(fn, serializer, arena=self._arena)
         except BaseException:
@@ -415,7 +416,12 @@ class MapRun:
             stop_on_error=self._stop_on_error,
         )
         chunk.submitted_at = time.monotonic()
-        self._pending[self._backend.submit(task)] = chunk
+        attachments = self._arena.attachments(chunk.lease)
+        if attachments:
+            future = self._backend.submit_with_buffers(task, attachments)
+        else:
+            future = self._backend.submit(task)
+        self._pending[future] = chunk
 
     # -- receiving ----------------------------------------------------------
 
@@ -598,6 +604,9 @@ class MapRun:
             for future in done:
                 task_future: TaskFuture = future  # type: ignore[assignment]
                 chunk = self._pending.pop(task_future)
+                # Its large arguments are no longer needed (a retry writes its own).
+                self._arena.release(chunk.lease)
+                chunk.lease = None
                 received = self._receive(task_future, chunk, retry)
                 if received is not None:
                     ready[chunk.start] = received
@@ -656,7 +665,7 @@ def submit_call(
         encoded = encode_function(fn, serializer, role="submit", arena=arena)
         try:
             # Leased, not pinned: the whole arena closes with this call.
-            items_bytes, _ = arena.dumps_leased(serializer, [(args, kwargs)])
+            items_bytes, lease = arena.dumps_leased(serializer, [(args, kwargs)])
         except Exception as exc:
             raise diagnose((args, kwargs), serializer, root="(args, kwargs)", exc=exc) from exc
     except SerializationError as error:
@@ -674,7 +683,11 @@ def submit_call(
     del args, kwargs  # a finished future keeps no reference to its arguments
     try:
         backend.start()
-        task_future = backend.submit(task)
+        attachments = arena.attachments(lease)
+        if attachments:
+            task_future = backend.submit_with_buffers(task, attachments)
+        else:
+            task_future = backend.submit(task)
     except BaseException:
         arena.close()
         raise

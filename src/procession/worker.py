@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from procession import protocol
@@ -58,7 +58,9 @@ def in_worker() -> bool:
     return getattr(_task_context, "depth", 0) > 0
 
 
-def _load_function(serializer: Serializer, task: protocol.Task) -> Any:
+def _load_function(
+    serializer: Serializer, task: protocol.Task, buffers: Mapping[str, Any] | None
+) -> Any:
     key = (task.run_id, task.fn_digest)
     with _functions_lock:
         fn = _functions.get(key)
@@ -67,7 +69,7 @@ def _load_function(serializer: Serializer, task: protocol.Task) -> Any:
             return fn
     if shm.arena.has_buffers(task.fn_bytes):
         # Not cached: it maps shared memory that the parent frees when the map ends.
-        return _loads_shared(serializer, task.fn_bytes)
+        return _loads_shared(serializer, task.fn_bytes, buffers)
     fn = serializer.loads(task.fn_bytes)
     with _functions_lock:
         _functions[key] = fn
@@ -80,17 +82,21 @@ class _FreshEachCall:
     """Rebuilds the function from its bytes for every call: it captures a value
     with state (a generator, a file position) that one call must not use up."""
 
-    def __init__(self, serializer: Serializer, data: bytes) -> None:
+    def __init__(
+        self, serializer: Serializer, data: bytes, buffers: Mapping[str, Any] | None
+    ) -> None:
         self._loads = functools.partial(_loads_shared, serializer)
         self._data = data
+        self._buffers = buffers
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._loads(self._data)(*args, **kwargs)
+        return self._loads(self._data, self._buffers)(*args, **kwargs)
 
 
-def _loads_shared(serializer: Serializer, data: bytes) -> Any:
-    """Load ``data``; its large buffers (if any) map the parent's shared memory."""
-    return shm.load_payload(serializer, data, private=True)[0]
+def _loads_shared(serializer: Serializer, data: bytes, buffers: Mapping[str, Any] | None) -> Any:
+    """Load ``data``; its large buffers (if any) map the parent's shared memory,
+    or are copied from the stored ``buffers`` the backend delivered."""
+    return shm.load_payload(serializer, data, private=True, attachments=buffers)[0]
 
 
 def _interrupt_is_real(exc: BaseException) -> bool:
@@ -109,11 +115,13 @@ def _interrupt_is_real(exc: BaseException) -> bool:
     )
 
 
-def run_task(task: bytes) -> bytes:
+def run_task(task: bytes, buffers: Mapping[str, Any] | None = None) -> bytes:
     """Run one task (a function and a chunk of items) and return the result bytes.
 
     Never raises for anything the user's code or data does: failures are
     encoded in the result so the worker survives and the caller gets them.
+    ``buffers``: on a backend with ``Capabilities.buffer_store``, the stored
+    buffers the task names, by key (``StoredBuffer.key`` -> its bytes).
     """
     started = time.perf_counter()
     decoded = protocol.decode_task(task)
@@ -121,12 +129,14 @@ def run_task(task: bytes) -> bytes:
     failures: list[Failure] = []
     try:
         if decoded.fresh_fn:
-            fn: Callable[..., Any] = _FreshEachCall(serializer, decoded.fn_bytes)
+            fn: Callable[..., Any] = _FreshEachCall(serializer, decoded.fn_bytes, buffers)
         else:
-            fn = _load_function(serializer, decoded)
+            fn = _load_function(serializer, decoded, buffers)
         # Large arguments arrive as copy-on-write maps of the parent's shared memory;
         # ``reply`` sends large results back the same way (or in-band).
-        items, reply = shm.load_payload(serializer, decoded.items_bytes, private=True)
+        items, reply = shm.load_payload(
+            serializer, decoded.items_bytes, private=True, attachments=buffers
+        )
     except BaseException as exc:
         if _interrupt_is_real(exc):
             raise

@@ -21,7 +21,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Backend", "Capabilities", "TaskFuture", "default_worker_count", "settle_future"]
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "StoredBuffer",
+    "TaskFuture",
+    "default_worker_count",
+    "settle_future",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,10 @@ class Capabilities:
     - ``crash_detection``: a dead worker fails its task with ``WorkerCrashedError``
       (rather than hanging), so ``retries=`` can re-run it.
     - ``remote``: workers may run on other machines.
+    - ``buffer_store``: the backend keeps large argument buffers on its side
+      (:meth:`Backend.store_buffer`) and delivers them with the tasks that
+      name them (:meth:`Backend.submit_with_buffers`), so a map sends each
+      once rather than with every task (Dask's scatter, Ray's object store).
     - ``memory_limit``, ``threads_per_worker``, ``env``: the backend accepts the
       resource option of that name (see ``procession.backends._resources``);
       :func:`procession.create_backend` refuses a set option a backend lacks.
@@ -42,12 +53,29 @@ class Capabilities:
     kill: bool
     crash_detection: bool
     remote: bool = False
+    buffer_store: bool = False
     memory_limit: bool = False
     threads_per_worker: bool = False
     env: bool = False
 
     def names(self) -> list[str]:
         return [name for name, value in vars(self).items() if value]
+
+
+@dataclass(eq=False)
+class StoredBuffer:
+    """A large buffer a backend keeps where its workers can read it.
+
+    ``key`` names it in task payloads (unique while it lives); ``nbytes`` is
+    its size; ``data`` is the parent's copy (a backend may store it again from
+    there if the workers holding it were lost); ``ref`` is the backend's own
+    handle (a Dask future, a Ray object reference), which it may replace.
+    """
+
+    key: str
+    nbytes: int
+    data: bytes
+    ref: Any = None
 
 
 class TaskFuture(Future[bytes]):
@@ -207,6 +235,28 @@ class Backend(ABC):
         If the worker dies while running it, fail the future with
         ``WorkerCrashedError`` (if the backend has ``crash_detection``).
         """
+
+    def store_buffer(self, data: bytes) -> StoredBuffer:
+        """Keep ``data`` where the workers can read it; a map stores each large
+        argument buffer once.  Only backends with ``capabilities.buffer_store``
+        implement this (with :meth:`drop_buffers` and :meth:`submit_with_buffers`).
+
+        Example (what the scheduler does for a buffer of at least the threshold)::
+
+            stored = backend.store_buffer(bytes(array.data))
+            future = backend.submit_with_buffers(task, [stored])
+            ...
+            backend.drop_buffers([stored])   # when the map ends
+        """
+        raise NotImplementedError(f"backend {self.name!r} cannot store buffers")
+
+    def drop_buffers(self, buffers: list[StoredBuffer]) -> None:  # noqa: B027 (optional hook)
+        """Forget buffers no task will need any more (tasks already sent keep theirs)."""
+
+    def submit_with_buffers(self, task: bytes, buffers: list[StoredBuffer]) -> TaskFuture:
+        """Like :meth:`submit`, and deliver ``buffers`` with the task: the worker calls
+        ``procession.worker.run_task(task, {b.key: <b's bytes> for b in buffers})``."""
+        raise NotImplementedError(f"backend {self.name!r} cannot store buffers")
 
     def kill_task(self, future: TaskFuture) -> None:
         """Stop the running task behind ``future``: kill its worker, replace it, and

@@ -81,7 +81,7 @@ from procession.backends._resources import (
     apply_once,
 )
 from procession.backends._worker_process import describe_exit
-from procession.backends.base import Backend, Capabilities, TaskFuture
+from procession.backends.base import Backend, Capabilities, StoredBuffer, TaskFuture
 from procession.errors import BackendUnavailableError, WorkerCrashedError
 
 if TYPE_CHECKING:
@@ -168,14 +168,24 @@ def _report_start(topic: str, tag: int) -> None:
 
 
 def _run_on_worker(
-    task: bytes, token: str, tag: int, setup: bytes | None, resources: WorkerSettings | None = None
+    task: bytes,
+    token: str,
+    tag: int,
+    setup: bytes | None,
+    resources: WorkerSettings | None = None,
+    keys: tuple[str, ...] = (),
+    *buffers: Any,
 ) -> bytes:
-    """The function every Dask task runs: setup once, report the start, run the task."""
+    """The function every Dask task runs: setup once, report the start, run the task.
+
+    ``buffers``: the scattered large arguments the task names (Dask resolved
+    their futures to their bytes on this worker before calling), by ``keys``.
+    """
     apply_once(token, resources)  # env= and thread caps, once per worker process
     if setup is not None:
         _setup_once(token, setup)
     _report_start(TOPIC_PREFIX + token, tag)
-    return runtime.run_task(task)
+    return runtime.run_task(task, dict(zip(keys, buffers, strict=True)) if keys else None)
 
 
 def _kill_pid(pid: int) -> bool:
@@ -197,6 +207,7 @@ class _Attempt:
     future: TaskFuture
     tag: int
     task: bytes
+    buffers: tuple[StoredBuffer, ...] = ()
     resubmits: int = 0
     started: bool = False
     address: str | None = None
@@ -212,6 +223,7 @@ PROCESS_CAPABILITIES = Capabilities(
     kill=True,
     crash_detection=True,
     remote=True,
+    buffer_store=True,  # large arguments are scattered once per map
     memory_limit=True,  # embedded cluster only: refused with address=/client=
     threads_per_worker=True,
     env=True,
@@ -219,7 +231,7 @@ PROCESS_CAPABILITIES = Capabilities(
 # Workers that are threads of the caller's own process (``LocalCluster(processes=False)``):
 # nothing can be killed, and a crash would be the caller's.
 IN_PROCESS_CAPABILITIES = Capabilities(
-    isolated=False, kill=False, crash_detection=False, remote=True
+    isolated=False, kill=False, crash_detection=False, remote=True, buffer_store=True
 )
 
 
@@ -593,13 +605,38 @@ class DaskBackend(Backend):
     # -- tasks --------------------------------------------------------------------
 
     def submit(self, task: bytes) -> TaskFuture:
+        return self.submit_with_buffers(task, [])
+
+    def store_buffer(self, data: bytes) -> StoredBuffer:
+        """Scatter ``data`` to the cluster once; tasks that name it depend on it."""
+        self.start()
+        with self._lock:
+            client = self._client
+        if client is None:
+            raise RuntimeError("cannot store a buffer on a dask backend that was shut down")
+        key = f"procession-buffer-{uuid.uuid4().hex}"
+        # hash=False and our own key: equal buffers of two maps are two objects,
+        # each released with its own map.
+        (dask_future,) = client.scatter({key: data}, hash=False).values()
+        return StoredBuffer(key=key, nbytes=len(data), data=data, ref=dask_future)
+
+    def drop_buffers(self, buffers: list[StoredBuffer]) -> None:
+        for stored in buffers:
+            # Dask forgets a scattered key once no client future refers to it; a
+            # task already sent holds its own reference until it finishes.
+            dask_future, stored.ref = stored.ref, None
+            if dask_future is not None:
+                with contextlib.suppress(Exception):
+                    dask_future.release()
+
+    def submit_with_buffers(self, task: bytes, buffers: list[StoredBuffer]) -> TaskFuture:
         self.start()
         if self._prefetch is None:
             # Read here, in the caller's thread: for an existing cluster it asks
             # the scheduler, which must never happen from the client's event loop.
             self._prefetch = 2 * max(1, self.workers)
         future = TaskFuture()
-        attempt = _Attempt(future=future, tag=next(self._tags), task=task)
+        attempt = _Attempt(future=future, tag=next(self._tags), task=task, buffers=tuple(buffers))
         with self._lock:
             if self._closed or self._client is None:
                 raise RuntimeError("cannot submit to a dask backend that was shut down")
@@ -640,6 +677,7 @@ class DaskBackend(Backend):
                 return
             self._attempts[attempt.tag] = attempt
         try:
+            dependencies = [self._scattered(client, stored) for stored in attempt.buffers]
             dask_future = client.submit(
                 _run_on_worker,
                 attempt.task,
@@ -647,6 +685,8 @@ class DaskBackend(Backend):
                 attempt.tag,
                 self.worker_setup,
                 self._worker_settings,
+                tuple(stored.key for stored in attempt.buffers),
+                *dependencies,
                 key=f"procession-{self._token[:8]}-{attempt.tag}",
                 pure=False,
             )
@@ -662,6 +702,16 @@ class DaskBackend(Backend):
             _cancel(dask_future)
             return
         client.loop.add_callback(self._watch, client, attempt, dask_future)
+
+    @staticmethod
+    def _scattered(client: Any, stored: StoredBuffer) -> DaskFuture:
+        """The future of a stored buffer, scattered again if the workers holding it
+        were lost (scattered data has no recipe: Dask cannot recompute it)."""
+        dask_future = stored.ref
+        if dask_future is None or dask_future.status in ("lost", "error", "cancelled"):
+            (dask_future,) = client.scatter({stored.key: stored.data}, hash=False).values()
+            stored.ref = dask_future
+        return dask_future
 
     def _on_started(self, event: tuple[float, Any]) -> None:
         """Runs in the client's event loop for every "started" event."""
@@ -781,6 +831,7 @@ class DaskBackend(Backend):
             future=attempt.future,
             tag=next(self._tags),
             task=attempt.task,
+            buffers=attempt.buffers,
             resubmits=attempt.resubmits + 1,
         )
         with self._lock:

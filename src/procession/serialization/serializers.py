@@ -139,6 +139,8 @@ def _reduce_memmap(array: Any, np: Any, buffer_callback: BufferCallback) -> Any:
         top = top.base
     if not isinstance(top, np.memmap) or not top.filename or top.size == 0:
         return NotImplemented  # not backed by a named file we can reopen: numpy's own pickling
+    if not getattr(buffer_callback, "memmaps_by_name", True):
+        return NotImplemented  # workers elsewhere (a backend's store): the data travel
     try:
         from numpy.lib.array_utils import byte_bounds
     except ImportError:  # numpy < 2

@@ -35,6 +35,7 @@ from procession.serialization.shm.arena import (
     InBand,
     Reply,
     SharedMemoryFullWarning,
+    StoredArena,
     load_payload,
     owner_prefix,
     segment_names,
@@ -52,6 +53,7 @@ __all__ = [
     "LargeBuffers",
     "Reply",
     "SharedMemoryFullWarning",
+    "StoredArena",
     "arena_for",
     "current",
     "large_buffers",
@@ -156,8 +158,13 @@ def large_buffers(
         _current.reset(token)
 
 
-def arena_for(backend: Backend) -> InBand:
-    """An :class:`Arena` when ``backend``'s workers share this machine's memory, else in-band.
+def arena_for(backend: Backend, *, stable_source: bool = False) -> InBand:
+    """Where ``backend``'s large buffers go for one map: an :class:`Arena` (shared
+    memory) when its workers share this machine's memory, a :class:`StoredArena`
+    when it keeps buffers itself (``Capabilities.buffer_store``), else in-band.
+
+    ``stable_source``: the items are a list or tuple made before the map, so an
+    object sent twice need not be checked for changes in between.
 
     Example::
 
@@ -165,6 +172,10 @@ def arena_for(backend: Backend) -> InBand:
     """
     settings = current()
     capabilities = backend.capabilities
-    if not settings.enabled or not capabilities.isolated or capabilities.remote:
+    if not settings.enabled:
         return IN_BAND
-    return Arena(settings.threshold)
+    if capabilities.isolated and not capabilities.remote:
+        return Arena(settings.threshold, stable_source=stable_source)
+    if capabilities.buffer_store:
+        return StoredArena(settings.threshold, backend, stable_source=stable_source)
+    return IN_BAND

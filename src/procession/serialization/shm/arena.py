@@ -22,6 +22,12 @@ uses, or warns about leaks that are not).  Every name starts with the parent's
 prefix, so whatever a crash leaves behind is swept by the map's ``close()``,
 by the parent at exit, or, when the parent itself is killed, by the cleanup
 process (:mod:`procession.serialization.shm.janitor`).
+
+A backend whose workers may be on other machines but that can keep buffers
+itself (``Capabilities.buffer_store``: Dask scatters them, Ray puts them in
+its object store) gets a :class:`StoredArena` instead: the same payload
+format, with the backend's keys in place of segment paths, each buffer stored
+once per map and delivered by the backend with every task that names it.
 """
 
 from __future__ import annotations
@@ -41,12 +47,15 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procession.serialization.serializers import Serializer
+
+if TYPE_CHECKING:
+    from procession.backends.base import Backend, StoredBuffer
 
 __all__ = [
     "IN_BAND",
@@ -56,6 +65,7 @@ __all__ = [
     "InBand",
     "Reply",
     "SharedMemoryFullWarning",
+    "StoredArena",
     "load_payload",
     "owner_prefix",
     "sweep_owner",
@@ -247,28 +257,33 @@ def map_segment(path: str, nbytes: int, *, private: bool) -> mmap.mmap:
 # -- the payload format ---------------------------------------------------------
 
 
-def _header(reply: tuple[str, tuple[str, str], int] | None, refs: list[Ref]) -> bytes:
-    header = pickle.dumps((reply, refs), 5)
+ReplyTo = tuple[str, tuple[str, str], int]  # (map prefix, directories, threshold)
+
+
+def _header(reply: ReplyTo | None, refs: list[Ref], stored: bool = False) -> bytes:
+    # ``stored``: the refs name buffers the backend keeps (their keys), not segment files.
+    header = pickle.dumps((reply, refs, stored), 5)
     return MAGIC + _HEADER.pack(len(header)) + header
 
 
 def _pack(
-    reply: tuple[str, tuple[str, str], int] | None,
+    reply: ReplyTo | None,
     refs: list[Ref],
     payload: bytes,
     empty: bytes | None = None,
+    stored: bool = False,
 ) -> bytes:
     # ``empty``: the header for no refs, made once per map (small tasks pay nothing more).
-    header = empty if (empty is not None and not refs) else _header(reply, refs)
+    header = empty if (empty is not None and not refs) else _header(reply, refs, stored)
     return header + payload
 
 
-def _unpack(data: bytes) -> tuple[tuple[str, tuple[str, str], int] | None, list[Ref], memoryview]:
+def _unpack(data: bytes) -> tuple[ReplyTo | None, list[Ref], bool, memoryview]:
     view = memoryview(data)
     (size,) = _HEADER.unpack_from(view, len(MAGIC))
     start = len(MAGIC) + _HEADER.size
-    reply, refs = pickle.loads(view[start : start + size])
-    return reply, refs, view[start + size :]
+    reply, refs, stored = pickle.loads(view[start : start + size])
+    return reply, refs, stored, view[start + size :]
 
 
 def has_buffers(data: bytes) -> bool:
@@ -282,8 +297,10 @@ def has_buffers(data: bytes) -> bool:
 class _Collector:
     """The ``buffer_callback``: which buffers leave the byte stream."""
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, *, memmaps_by_name: bool = True) -> None:
         self.threshold = threshold
+        # False when workers may be on other machines: a file name means nothing there.
+        self.memmaps_by_name = memmaps_by_name
         self.large: list[pickle.PickleBuffer] = []
         self.files: list[tuple[str, int, int]] = []
 
@@ -363,9 +380,9 @@ def _address(view: memoryview) -> int | None:
     return address
 
 
-def _same_content(a: memoryview, b: mmap.mmap) -> bool:
+def _same_content(a: memoryview, b: Any) -> bool:
     numpy = sys.modules.get("numpy")
-    view_b = memoryview(b)
+    view_b = memoryview(b).cast("B")
     try:
         if numpy is not None:
             # Word-wide compares in cache-sized slices run at memory speed.
@@ -390,15 +407,20 @@ def _same_content(a: memoryview, b: mmap.mmap) -> bool:
         view_b.release()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Segment:
-    path: str
+    """One large buffer as it travels: a file in ``/dev/shm``, or a buffer the backend stores."""
+
+    where: str  # the segment's path, or the stored buffer's key
     nbytes: int
     exporter: Any  # kept alive so its memory (the cache key) cannot be reused
     users: int = 0
     pinned: bool = False
     # The parent's own read-only map, made on the first reuse to check the contents.
     view: mmap.mmap | None = None
+    # A backend's store: the parent's copy, and the backend's handle for it.
+    copy: bytes | None = None
+    stored: StoredBuffer | None = None
 
 
 @dataclass
@@ -406,6 +428,11 @@ class Lease:
     """The segments one task uses; released when the task is done."""
 
     segments: list[_Segment] = field(default_factory=list)
+
+    @property
+    def attachments(self) -> list[StoredBuffer]:
+        """The stored buffers the task needs (give them to ``Backend.submit_with_buffers``)."""
+        return [segment.stored for segment in self.segments if segment.stored is not None]
 
 
 class InBand:
@@ -425,6 +452,10 @@ class InBand:
     def release(self, lease: Lease | None) -> None:
         pass
 
+    def attachments(self, lease: Lease | None) -> list[StoredBuffer]:
+        """The stored buffers a task needs: its items' (``lease``) and its function's."""
+        return []
+
     def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
         pass
 
@@ -434,6 +465,10 @@ IN_BAND = InBand()
 
 class Arena(InBand):
     """The parent's side of one map: writes large argument buffers, adopts large results.
+
+    ``stable_source``: the map's items come from a list or tuple made before the
+    map began, so an object met again is the one met before and its contents
+    are not checked again (see :meth:`_segment_for`).
 
     Example::
 
@@ -447,20 +482,33 @@ class Arena(InBand):
     """
 
     active = True
+    #: Where task payloads say their buffers are: segment files (False) or a backend's store.
+    stored = False
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, *, stable_source: bool = False) -> None:
         owner = _get_owner()
-        if owner.janitor is None:
+        if owner.janitor is None and not self.stored:
             _start_janitor(owner)
         self.threshold = threshold
+        self.stable_source = stable_source
         self.prefix = f"{owner.prefix}{next(owner.maps)}-"
         self.directories = _directories()
-        self._reply = (self.prefix, self.directories, threshold)
-        self._empty_header = _header(self._reply, [])
+        self._reply: ReplyTo | None = (
+            None
+            if self.stored
+            else (
+                self.prefix,
+                self.directories,
+                threshold,
+            )
+        )
+        self._empty_header = _header(self._reply, [], self.stored)
         self._count = itertools.count()
         self._lock = threading.Lock()
         # (address, nbytes) -> segment, so the same array is written once per map.
         self._by_address: dict[tuple[int, int], _Segment] = {}
+        # Segments of dumps(pin=True) (the map's function): every task needs them.
+        self._pinned: list[_Segment] = []
         self._closed = False
 
     def dumps(self, serializer: Serializer, obj: Any, *, pin: bool = False) -> bytes:
@@ -475,13 +523,14 @@ class Arena(InBand):
         if pin:
             for segment in lease.segments:
                 segment.pinned = True
+            self._pinned.extend(lease.segments)
         return data
 
     def dumps_leased(self, serializer: Serializer, obj: Any) -> tuple[bytes, Lease | None]:
         """Serialize ``obj``; large buffers go to segments held until ``release(lease)``."""
         if not serializer.supports_buffers:
             return serializer.dumps(obj), None
-        collector = _Collector(self.threshold)
+        collector = _Collector(self.threshold, memmaps_by_name=not self.stored)
         payload = _oob_dumps(serializer, obj, collector)
         lease = Lease()
         try:
@@ -490,8 +539,8 @@ class Arena(InBand):
         except BaseException:
             self.release(lease)
             raise
-        refs = [(segment.path, segment.nbytes) for segment in lease.segments]
-        return _pack(self._reply, refs, payload, self._empty_header), lease
+        refs = [(segment.where, segment.nbytes) for segment in lease.segments]
+        return _pack(self._reply, refs, payload, self._empty_header, self.stored), lease
 
     def _segment_for(self, buffer: pickle.PickleBuffer) -> _Segment:
         raw = buffer.raw()
@@ -502,40 +551,64 @@ class Arena(InBand):
             if self._closed:
                 raise RuntimeError("this map has finished: its shared-memory arena is closed")
             found = self._by_address.get(key) if key is not None else None
-            # Same memory is not same content: the caller may have changed the
-            # array in place since (a reused buffer); only bytes cannot change.
-            if found is not None and (type(exporter) is bytes or _unchanged(raw, found)):
+            # Same memory is not same content: a generator may change an array in
+            # place between items (a reused buffer); bytes cannot change, and items
+            # of a list made before the map are what they were (changing them while
+            # the map runs is the caller's race, as with any pool).
+            if found is not None and (
+                self.stable_source or type(exporter) is bytes or self._unchanged(raw, found)
+            ):
                 found.users += 1
                 # Sent more than once: likely again, so keep it for the rest of the map
                 # rather than rewrite it whenever the in-flight window drains.
                 found.pinned = True
                 return found
             name = f"{self.prefix}{next(self._count)}"
-        path = write_segment(name, raw, self.directories)
-        segment = _Segment(path, raw.nbytes, exporter, users=1)
+        segment = self._create(name, raw, exporter)
         with self._lock:
             if key is not None:
                 self._by_address[key] = segment
         return segment
+
+    def _create(self, name: str, raw: memoryview, exporter: Any) -> _Segment:
+        path = write_segment(name, raw, self.directories)
+        return _Segment(path, raw.nbytes, exporter, users=1)
+
+    def _unchanged(self, raw: memoryview, segment: _Segment) -> bool:
+        if segment.view is None:
+            fd = os.open(segment.where, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # Shared and prefaulted: later checks of the same segment read at memory speed.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                segment.view = mmap.mmap(fd, segment.nbytes, flags=flags, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        return _same_content(raw, segment.view)
 
     def release(self, lease: Lease | None) -> None:
         """A task is done with its segments: unlink those no other task needs."""
         if lease is None:
             return
         with self._lock:
+            dropped = []
             for segment in lease.segments:
                 segment.users -= 1
                 if segment.users <= 0 and not segment.pinned:
-                    self._drop(segment)
+                    self._forget(segment)
+                    dropped.append(segment)
             lease.segments.clear()
+        self._remove(dropped)
 
-    def _drop(self, segment: _Segment) -> None:
+    def _forget(self, segment: _Segment) -> None:
         for key, known in list(self._by_address.items()):
             if known is segment:
                 del self._by_address[key]
-        _close_view(segment)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(segment.path)
+
+    def _remove(self, segments: list[_Segment]) -> None:
+        for segment in segments:
+            _close_view(segment)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(segment.where)
 
     def loads(self, serializer: Serializer, data: bytes) -> Any:
         """Load a worker's results; their large buffers become arrays over shared memory."""
@@ -561,16 +634,77 @@ class Arena(InBand):
         sweep_owner(self.prefix)
 
 
-def _unchanged(raw: memoryview, segment: _Segment) -> bool:
-    if segment.view is None:
-        fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # Shared and prefaulted: later checks of the same segment read at memory speed.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            segment.view = mmap.mmap(fd, segment.nbytes, flags=flags, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-    return _same_content(raw, segment.view)
+class StoredArena(Arena):
+    """An arena for a backend that keeps buffers itself (``Capabilities.buffer_store``).
+
+    Each large argument buffer is handed to ``backend.store_buffer`` once per
+    map (Dask scatters it, Ray puts it in its object store); tasks name it by
+    key and the backend delivers it with them.  Results come back in-band.
+    The parent keeps one copy of each stored buffer for the life of the map:
+    to check an object sent again, and so a backend can store it again if a
+    worker that held it was lost.
+
+    Example::
+
+        arena = StoredArena(1 << 20, backend)
+        blob, lease = arena.dumps_leased(serializer, items)
+        backend.submit_with_buffers(task_with(blob), lease.attachments)
+    """
+
+    stored = True
+
+    def __init__(self, threshold: int, store: Backend, *, stable_source: bool = False) -> None:
+        super().__init__(threshold, stable_source=stable_source)
+        self._store = store
+        self._live: dict[int, _Segment] = {}
+
+    def _create(self, name: str, raw: memoryview, exporter: Any) -> _Segment:
+        # A copy: the backend may keep it past this call, and the caller may
+        # change its array once the map has read it.
+        copy = raw.tobytes()
+        stored = self._store.store_buffer(copy)
+        segment = _Segment(stored.key, raw.nbytes, exporter, users=1, copy=copy, stored=stored)
+        with self._lock:
+            if self._closed:
+                self._live.clear()
+                closed = True
+            else:
+                self._live[id(segment)] = segment
+                closed = False
+        if closed:
+            self._remove([segment])
+            raise RuntimeError("this map has finished: its buffer store is closed")
+        return segment
+
+    def _unchanged(self, raw: memoryview, segment: _Segment) -> bool:
+        return _same_content(raw, segment.copy)
+
+    def _remove(self, segments: list[_Segment]) -> None:
+        stored = []
+        with self._lock:
+            for segment in segments:
+                self._live.pop(id(segment), None)
+                if segment.stored is not None:
+                    stored.append(segment.stored)
+                segment.copy = None
+        if stored:
+            self._store.drop_buffers(stored)
+
+    def loads(self, serializer: Serializer, data: bytes) -> Any:
+        return serializer.loads(data)
+
+    def attachments(self, lease: Lease | None) -> list[StoredBuffer]:
+        segments = self._pinned + (lease.segments if lease is not None else [])
+        return list({id(s): s.stored for s in segments if s.stored is not None}.values())
+
+    def close(self, unfinished: Iterable[Future[Any]] = ()) -> None:
+        """Drop every buffer this map stored (tasks still running keep theirs:
+        a backend delivers a task's buffers before it starts)."""
+        with self._lock:
+            self._closed = True
+            self._by_address.clear()
+            live = list(self._live.values())
+        self._remove(live)
 
 
 def _close_view(segment: _Segment) -> None:
@@ -612,28 +746,56 @@ class Reply(InBand):
         return _pack(None, refs, payload)
 
 
-def load_payload(serializer: Serializer, data: bytes, *, private: bool) -> tuple[Any, InBand]:
+def load_payload(
+    serializer: Serializer,
+    data: bytes,
+    *,
+    private: bool,
+    attachments: Mapping[str, Any] | None = None,
+) -> tuple[Any, InBand]:
     """Load ``data``; also return how to send results back (a :class:`Reply` or in-band).
 
     ``private``: map segments copy-on-write and leave them (the parent owns
     them); otherwise map them shared and unlink them at once (results: the
     parent now owns the memory, and it is freed with the last array using it).
+    ``attachments``: the stored buffers the backend delivered with this task,
+    by key; each task gets its own writable copy, as if they had been pickled.
     """
     if not (serializer.supports_buffers and has_buffers(data)):
         return serializer.loads(data), IN_BAND
-    reply, refs, payload = _unpack(data)
+    reply, refs, stored, payload = _unpack(data)
     buffers: list[Any] = []
-    try:
-        for path, nbytes in refs:
-            buffers.append(map_segment(path, nbytes, private=private))
-    finally:
-        if not private:
-            for path, _ in refs:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+    if stored:
+        for key, nbytes in refs:
+            buffers.append(_attached(attachments, key, nbytes))
+    else:
+        try:
+            for path, nbytes in refs:
+                buffers.append(map_segment(path, nbytes, private=private))
+        finally:
+            if not private:
+                for path, _ in refs:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
     loads: Any = serializer.loads
     obj = loads(payload, buffers=buffers)
     return obj, (Reply(*reply) if reply is not None else IN_BAND)
+
+
+def _attached(attachments: Mapping[str, Any] | None, key: str, nbytes: int) -> bytearray:
+    if attachments is None or key not in attachments:
+        raise RuntimeError(
+            f"this task needs the stored buffer {key!r} ({nbytes} bytes), but its backend did "
+            "not deliver it: a backend with Capabilities(buffer_store=True) must pass the "
+            "buffers of submit_with_buffers() to procession.worker.run_task(task, buffers)"
+        )
+    copy = bytearray(memoryview(attachments[key]).cast("B"))
+    if len(copy) != nbytes:
+        raise RuntimeError(
+            f"the stored buffer {key!r} arrived with {len(copy)} bytes, not {nbytes}: "
+            "the backend delivered the wrong object"
+        )
+    return copy
 
 
 def segment_names(prefix: str | None = None) -> Iterator[str]:
