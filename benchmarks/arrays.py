@@ -8,7 +8,9 @@ workers, and every contender runs three cases side by side in one run:
 - ``a + 1``: each task returns ``a + 1`` (a new array of the same size comes back).
 
 Contenders: procession's ``process``, ``loky`` and ``multiprocessing``
-backends (large buffers through shared memory), joblib with its default
+backends (large buffers through shared memory), procession's ``process``
+backend given the array made once with ``shm.shared_array`` (sent by name
+from then on: what a user who sends one array to many maps does), joblib with its default
 memmapping (``max_nbytes="1M"``), loky's reusable executor,
 ``multiprocessing.Pool`` and a raw ``multiprocessing.shared_memory`` hand-off
 written by hand for this one job (the parent copies ``a`` into a segment
@@ -116,6 +118,30 @@ def procession_backend(name: str, workers: int) -> Iterator[Run]:
 
 
 @contextmanager
+def procession_shared_array(workers: int) -> Iterator[Run]:
+    """The array kept in shared memory (``shm.shared_array``), as a user who sends
+    one array to many maps would keep it: made on the first call, then sent by name."""
+    import procession
+    from procession.serialization import shm
+
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    with procession.Executor(backend="process", workers=workers) as executor:
+
+        def run(a: np.ndarray, case: str) -> list[Any]:
+            if id(a) not in kept:
+                kept[id(a)] = (a, shm.shared_array(a))
+            shared = kept[id(a)][1]
+            return list(executor.map(TASKS[case], [shared] * workers, chunksize=1))
+
+        list(executor.map(abs, range(workers * 2), chunksize=1))
+        try:
+            yield run
+        finally:
+            kept.clear()
+
+
+@contextmanager
 def joblib_parallel(workers: int) -> Iterator[Run]:
     import joblib
 
@@ -191,6 +217,7 @@ def contenders() -> dict[str, Callable[[int], AbstractContextManager[Run]]]:
         "procession process": lambda w: procession_backend("process", w),
         "procession loky": lambda w: procession_backend("loky", w),
         "procession multiprocessing": lambda w: procession_backend("multiprocessing", w),
+        "procession shared_array": procession_shared_array,
         "joblib.Parallel (memmapping)": joblib_parallel,
         "loky executor": loky_executor,
         "multiprocessing.Pool.map": pool_map,

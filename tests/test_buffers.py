@@ -708,3 +708,58 @@ def test_check_command_lists_out_of_band_parts(
     assert "out-of-band: nothing" in small.output
     plain = runner.invoke(cli, ["check", "bigdata_for_check:SMALL"])
     assert "out-of-band: nothing" in plain.output
+
+
+# -- shared_array: a large array sent to many maps without a copy -------------------
+
+
+def bump_and_describe(array: np.ndarray) -> tuple[float, str, bool]:
+    array += 1  # copy-on-write in the worker
+    name = getattr(array, "filename", None) or getattr(array.base, "filename", None)
+    return float(array.sum()), type(array).__name__, name is not None
+
+
+def test_shared_array_is_sent_by_name_and_never_copied(
+    process_backend_name: str, parent_writes: list[int], stored_sizes: list[int]
+) -> None:
+    import gc
+
+    source = np.arange(MiB // 4, dtype=np.float64)  # 2 MiB
+    shared = shm.shared_array(source)
+    assert isinstance(shared, np.memmap) and np.array_equal(shared, source)
+    (path,) = [p for p in _ours() if "shared-" in p]
+    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+        for _ in range(3):
+            got = list(executor.map(bump_and_describe, [shared, shared[8:]]))
+            expected_total = float(shared.sum()) + shared.size
+            assert got[0][0] == expected_total
+            assert got[1][0] == float(shared[8:].sum()) + shared.size - 8
+            shared += 1  # the parent's change: the next map reads it
+        if _same_machine(process_backend_name):
+            assert got[0][1:] == ("memmap", True)  # the workers mapped the file itself
+            assert parent_writes == []  # nothing was written for any map
+        else:  # workers elsewhere: the data travel, stored once per map
+            assert stored_sizes and all(size <= source.nbytes for size in stored_sizes)
+    assert np.array_equal(shared, source + 3)  # the workers' writes stayed theirs
+    view = shared[100:]
+    del shared
+    gc.collect()
+    assert os.path.exists(path)  # a view still maps it
+    del view
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_shared_array_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(TypeError, match="needs data to copy, or shape="):
+        shm.shared_array()
+    with pytest.raises(TypeError, match="Python objects"):
+        shm.shared_array(np.array([object()]))
+    with pytest.raises(ValueError, match="empty"):
+        shm.shared_array(shape=(0,))
+    with pytest.raises(TypeError, match="not both"):
+        shm.shared_array(np.zeros(3), shape=3)
+    zeros = shm.shared_array(shape=(4, 5), dtype=np.int32, order="F")
+    assert zeros.shape == (4, 5) and zeros.dtype == np.int32 and zeros.flags.f_contiguous
+    assert int(zeros.sum()) == 0
+    del zeros

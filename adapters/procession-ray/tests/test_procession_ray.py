@@ -24,7 +24,7 @@ def test_discovered_through_its_entry_point() -> None:
     assert info.usable, info.error
     assert info.origin == "distribution procession-ray"
     assert info.capabilities == procession.Capabilities(
-        isolated=True, kill=True, crash_detection=True, remote=True
+        isolated=True, kill=True, crash_detection=True, remote=True, buffer_store=True
     )
 
 
@@ -84,3 +84,41 @@ def test_shutdown_without_wait_lets_submitted_tasks_finish() -> None:
     while executor.backend.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not executor.backend.started
+
+
+def test_large_arguments_go_through_the_object_store_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 2 MiB array given to 8 tasks is put in Ray's object store once; each task
+    gets a writable copy of its own; the tasks' own bytes stay small."""
+    np = pytest.importorskip("numpy")
+    from procession_ray import RayBackend
+
+    array = np.arange(1 << 18, dtype=np.float64)
+    stored: list[int] = []
+    sent: list[tuple[int, int]] = []
+    real_store = RayBackend.store_buffer
+    real_submit = RayBackend.submit_with_buffers
+
+    def counting_store(self: RayBackend, data: bytes) -> procession.StoredBuffer:
+        stored.append(len(data))
+        return real_store(self, data)
+
+    def recording_submit(self: RayBackend, task: bytes, buffers: list) -> procession.TaskFuture:  # type: ignore[type-arg]
+        sent.append((len(task), len(buffers)))
+        return real_submit(self, task, buffers)
+
+    monkeypatch.setattr(RayBackend, "store_buffer", counting_store)
+    monkeypatch.setattr(RayBackend, "submit_with_buffers", recording_submit)
+
+    def total(pair: tuple) -> float:  # type: ignore[type-arg]
+        x, offset = pair
+        x[0] = -1.0  # a writable copy of its own
+        return float(x.sum()) + offset
+
+    pairs = [(array, i) for i in range(8)]
+    got = list(procession.map(total, pairs, backend="ray", chunksize=1))
+    assert got == [float(array.sum()) - 1.0 + i for i in range(8)]
+    assert array[0] == 0.0
+    assert stored == [array.nbytes]
+    assert len(sent) == 8 and all(size < 64 * 1024 and count == 1 for size, count in sent)

@@ -140,7 +140,12 @@ def _reduce_memmap(array: Any, np: Any, buffer_callback: BufferCallback) -> Any:
     if not isinstance(top, np.memmap) or not top.filename or top.size == 0:
         return NotImplemented  # not backed by a named file we can reopen: numpy's own pickling
     if not getattr(buffer_callback, "memmaps_by_name", True):
-        return NotImplemented  # workers elsewhere (a backend's store): the data travel
+        # Workers elsewhere (a backend's store): the data travel, as a plain array
+        # (numpy sends a subclass in-band; its ndarray view goes out of band).
+        plain = np.asarray(array)
+        if not (plain.flags.c_contiguous or plain.flags.f_contiguous):
+            plain = np.ascontiguousarray(plain)
+        return plain.__reduce_ex__(PROTOCOL)
     try:
         from numpy.lib.array_utils import byte_bounds
     except ImportError:  # numpy < 2

@@ -9,6 +9,10 @@ stopped by killing its actor, and a worker that dies fails its task with
         ▲                       queue of tasks;   idle actor? send the next task
         └── TaskFuture ◄──────── events ◄──────── ObjectRef.future() callbacks, kills
 
+Large arguments (pickle protocol-5 buffers of at least the threshold) go to
+Ray's object store once per map (``store_buffer`` is ``ray.put``) and reach
+each task as an object reference Ray resolves in the actor.
+
 By default it starts a local Ray instance (``ray.init(num_cpus=workers,
 include_dashboard=False)``) shared by every RayBackend in the process and
 shut down when the last one is; ``address="ray://host:10001"`` (or
@@ -36,7 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import procession
-from procession import BackendUnavailableError, Capabilities, TaskFuture, WorkerCrashedError
+from procession import (
+    BackendUnavailableError,
+    Capabilities,
+    StoredBuffer,
+    TaskFuture,
+    WorkerCrashedError,
+)
 from procession import worker as procession_worker
 
 __all__ = ["RayBackend"]
@@ -66,10 +76,13 @@ class _Worker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, task: bytes) -> bytes:
+    def run(self, task: bytes, keys: tuple[str, ...] = (), *buffers: Any) -> bytes:
+        """Run one task; ``buffers``: the large arguments it names, which Ray
+        fetched from its object store (object references passed as arguments
+        arrive as their values)."""
         if self._setup_error is not None:
             raise self._setup_error
-        return procession_worker.run_task(task)
+        return procession_worker.run_task(task, dict(zip(keys, buffers, strict=True)) or None)
 
 
 # -- the Ray session shared by every RayBackend of this process --------------
@@ -193,7 +206,7 @@ class _Slot:
 @dataclass
 class _State:
     slots: list[_Slot] = field(default_factory=list)
-    queued: deque[tuple[TaskFuture, bytes]] = field(default_factory=deque)
+    queued: deque[tuple[TaskFuture, bytes, tuple[StoredBuffer, ...]]] = field(default_factory=deque)
 
 
 class RayBackend(procession.Backend):
@@ -209,7 +222,10 @@ class RayBackend(procession.Backend):
     """
 
     name: ClassVar[str] = "ray"
-    capabilities = Capabilities(isolated=True, kill=True, crash_detection=True, remote=True)
+    # buffer_store: large arguments go to Ray's object store once per map.
+    capabilities = Capabilities(
+        isolated=True, kill=True, crash_detection=True, remote=True, buffer_store=True
+    )
     default_serializer: ClassVar[str] = "cloudpickle"
 
     def __init__(
@@ -291,9 +307,25 @@ class RayBackend(procession.Backend):
         return self._actor_class.remote(self.worker_setup, sys_path)
 
     def submit(self, task: bytes) -> TaskFuture:
+        return self.submit_with_buffers(task, [])
+
+    def store_buffer(self, data: bytes) -> StoredBuffer:
+        """Put ``data`` in Ray's object store once; every task naming it gets it from there."""
+        self.start()
+        import ray
+
+        ref = ray.put(data)
+        return StoredBuffer(key=ref.hex(), nbytes=len(data), data=data, ref=ref)
+
+    def drop_buffers(self, buffers: list[StoredBuffer]) -> None:
+        # Ray frees an object once no reference to it is left (tasks in flight hold theirs).
+        for stored in buffers:
+            stored.ref = None
+
+    def submit_with_buffers(self, task: bytes, buffers: list[StoredBuffer]) -> TaskFuture:
         self.start()
         future = TaskFuture()
-        self._events.put(("submit", future, task))
+        self._events.put(("submit", future, task, tuple(buffers)))
         return future
 
     def kill_task(self, future: TaskFuture) -> None:
@@ -359,7 +391,7 @@ class RayBackend(procession.Backend):
         """Apply one event; True when the dispatcher must stop."""
         kind = event[0]
         if kind == "submit":
-            self._state.queued.append((event[1], event[2]))
+            self._state.queued.append((event[1], event[2], event[3]))
         elif kind == "done":
             self._finish(event[1], event[2], event[3])
         elif kind == "ready":
@@ -386,7 +418,7 @@ class RayBackend(procession.Backend):
     def _fail_all(self, error: BaseException) -> None:
         state = self._state
         while state.queued:
-            future, _ = state.queued.popleft()
+            future, _, _ = state.queued.popleft()
             future.settle(exc=error)
         for slot in state.slots:
             if slot.future is not None:
@@ -401,14 +433,15 @@ class RayBackend(procession.Backend):
             if slot.dead or not slot.ready or slot.future is not None:
                 continue
             while state.queued:
-                future, task = state.queued.popleft()
+                future, task, buffers = state.queued.popleft()
                 if future.set_running_or_notify_cancel():
                     break
             else:
                 return
             slot.future = future
             future.mark_started(f"ray actor pid {slot.pid}")
-            ref = slot.actor.run.remote(task)
+            keys = tuple(stored.key for stored in buffers)
+            ref = slot.actor.run.remote(task, keys, *(stored.ref for stored in buffers))
             ref.future().add_done_callback(
                 lambda outcome, slot=slot, future=future: self._events.put(
                     ("done", slot, future, outcome)
@@ -480,7 +513,7 @@ class RayBackend(procession.Backend):
         self._closing = True
         state = self._state
         while state.queued:
-            future, _ = state.queued.popleft()
+            future, _, _ = state.queued.popleft()
             if future.set_running_or_notify_cancel():
                 future.settle(exc=WorkerCrashedError("the ray backend was shut down first"))
         for slot in state.slots:

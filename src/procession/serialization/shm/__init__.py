@@ -40,6 +40,7 @@ from procession.serialization.shm.arena import (
     owner_prefix,
     segment_names,
 )
+from procession.serialization.shm.shared import shared_array
 
 if TYPE_CHECKING:
     from procession.backends.base import Backend
@@ -61,6 +62,7 @@ __all__ = [
     "owner_prefix",
     "parse_size",
     "segment_names",
+    "shared_array",
 ]
 
 #: Buffers of at least this many bytes go through shared memory by default (1 MiB).
