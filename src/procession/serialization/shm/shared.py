@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import os
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from procession.serialization.shm import arena
 
@@ -32,7 +32,7 @@ def shared_array(
     *,
     shape: int | tuple[int, ...] | None = None,
     dtype: Any = None,
-    order: str = "C",
+    order: Literal["C", "F"] = "C",
 ) -> Any:
     """A numpy array in shared memory that maps send to workers by name, never copied.
 
