@@ -763,3 +763,34 @@ def test_shared_array_refuses_what_it_cannot_hold() -> None:
     assert zeros.shape == (4, 5) and zeros.dtype == np.int32 and zeros.flags.f_contiguous
     assert int(zeros.sum()) == 0
     del zeros
+
+
+def test_rebuilding_a_memmap_allocates_nothing_the_size_of_the_array(tmp_path: Path) -> None:
+    """The worker maps the file: it must not build a buffer as large as the array to
+    work out the layout (that doubled every worker's memory for a memmap argument)."""
+    import tracemalloc
+
+    from procession.serialization.shm import rebuild
+
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)  # sparse: costs no memory or disk
+    layouts = [
+        ((8 * MiB,), (8,), 0),  # C and F
+        ((4 * MiB, 2), (16, 8), 0),  # C
+        ((2, 4 * MiB), (8, 16), 0),  # F
+        ((4 * MiB,), (16,), 0),  # strided: every other element
+    ]
+    for shape, strides, first in layouts:
+        tracemalloc.start()
+        try:
+            array = rebuild.memmap_from_file(
+                str(path), "c", 0, 64 * MiB, np.dtype(np.float64), shape, strides, first
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < MiB, f"rebuilding {shape} allocated {peak} bytes"
+        assert array.shape == shape and array.strides == strides
+        assert float(array[-1].sum()) == 0.0
+        del array

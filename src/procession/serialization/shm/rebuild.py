@@ -46,8 +46,11 @@ def memmap_from_file(
 
     if span == 0:
         return np.ndarray(shape, dtype=dtype)
-    probe = np.ndarray(shape, dtype=dtype, buffer=b"\0" * span, offset=first, strides=strides)
-    orders: Any = (("C", probe.flags.c_contiguous), ("F", probe.flags.f_contiguous))
+    itemsize = np.dtype(dtype).itemsize
+    orders: Any = (
+        ("C", _contiguous(shape, strides, itemsize, reverse=True)),
+        ("F", _contiguous(shape, strides, itemsize, reverse=False)),
+    )
     for order, contiguous in orders:
         if contiguous and first == 0:
             # A plain memmap of the range: the receiver sees filename, offset and mode.
@@ -57,3 +60,22 @@ def memmap_from_file(
     # A strided view: an ndarray over a memmap of the range (its .base names the file).
     mapped = np.memmap(filename, dtype=np.uint8, mode=mode, offset=start, shape=(span,))
     return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=first, strides=strides)
+
+
+def _contiguous(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, *, reverse: bool
+) -> bool:
+    """Whether ``strides`` lay ``shape`` out contiguously in C (``reverse``) or F order.
+
+    Worked out from the numbers (as numpy does for its flags): building a probe
+    array to ask numpy would need a buffer as large as the array.
+    """
+    if 0 in shape:
+        return True
+    expected = itemsize
+    dims = list(zip(shape, strides, strict=True))
+    for size, stride in reversed(dims) if reverse else dims:
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
