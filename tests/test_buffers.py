@@ -679,6 +679,27 @@ def test_arrays_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
     assert "procession process" in done.stdout and out.exists()
 
 
+def test_dask_arguments_benchmark_runs_at_tiny_size() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "dask_arguments.py"),
+            "--mib",
+            "2",
+            "--tasks",
+            "4",
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stored once" in done.stdout and "in-band /" in done.stdout
+
+
 def test_no_segment_left_in_any_directory() -> None:
     leftovers = [
         path
