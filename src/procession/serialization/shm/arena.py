@@ -477,11 +477,6 @@ class Lease:
 
     segments: list[_Segment] = field(default_factory=list)
 
-    @property
-    def attachments(self) -> list[StoredBuffer]:
-        """The stored buffers the task needs (give them to ``Backend.submit_with_buffers``)."""
-        return [segment.stored for segment in self.segments if segment.stored is not None]
-
 
 class InBand:
     """No shared memory: the serializer's bytes as they are (threads, remote backends)."""
@@ -695,7 +690,7 @@ class StoredArena(Arena):
 
         arena = StoredArena(1 << 20, backend)
         blob, lease = arena.dumps_leased(serializer, items)
-        backend.submit_with_buffers(task_with(blob), lease.attachments)
+        backend.submit_with_buffers(task_with(blob), arena.attachments(lease))
     """
 
     stored = True
