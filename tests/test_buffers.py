@@ -657,47 +657,28 @@ def test_parent_sigkill_leaves_no_segment(tmp_path: Path) -> None:
 # -- the benchmark stays runnable ----------------------------------------------
 
 
-def test_arrays_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
-    out = tmp_path / "arrays.json"
+def _run_benchmark(script: str, *arguments: str) -> str:
+    """Run ``benchmarks/<script>`` at a tiny size; its standard output."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "arrays.py"),
-            "--mib",
-            "2",
-            "--repeat",
-            "1",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), *arguments],
         capture_output=True,
         text=True,
         timeout=110,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "procession process" in done.stdout and out.exists()
+    return done.stdout
+
+
+def test_arrays_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "arrays.json"
+    printed = _run_benchmark("arrays.py", "--mib", "2", "--repeat", "1", "--json", str(out))
+    assert "procession process" in printed and "shared_array" in printed and out.exists()
 
 
 def test_dask_arguments_benchmark_runs_at_tiny_size() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "dask_arguments.py"),
-            "--mib",
-            "2",
-            "--tasks",
-            "4",
-            "--repeat",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "stored once" in done.stdout and "in-band /" in done.stdout
+    printed = _run_benchmark("dask_arguments.py", "--mib", "2", "--tasks", "4", "--repeat", "1")
+    assert "stored once" in printed and "in-band /" in printed
 
 
 def test_no_segment_left_in_any_directory() -> None:
