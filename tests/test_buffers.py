@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import procession
+from procession.api import resolve_backend
 from procession.errors import WorkerCrashedError
 from procession.serialization import diagnostics, get_serializer, shm
 from procession.serialization.shm import arena as arena_module
@@ -103,6 +104,16 @@ def _stores_buffers(backend_name: str) -> bool:
     capabilities = procession.available_backends()[backend_name].capabilities
     assert capabilities is not None
     return capabilities.buffer_store and not _same_machine(backend_name)
+
+
+def _executor(backend_name: str) -> procession.Executor:
+    """An Executor with 2 workers.  On dask, over the warm shared LocalCluster
+    (an Executor does not stop a backend instance it was given): starting a
+    cluster per test would cost seconds each, and test_backend_dask.py covers
+    an Executor's own cluster."""
+    if backend_name == "dask":
+        return procession.Executor(backend=resolve_backend("dask", 2))
+    return procession.Executor(backend=backend_name, workers=2)
 
 
 # -- functions run in workers (module level: every serializer can send them) ---
@@ -400,7 +411,7 @@ def test_out_of_band_report_lists_large_buffers(tmp_path: Path) -> None:
 def test_arrays_round_trip_bit_exactly(process_backend_name: str) -> None:
     with (
         shm.large_buffers(threshold=64),
-        procession.Executor(backend=process_backend_name, workers=2) as executor,
+        _executor(process_backend_name) as executor,
     ):
 
         @given(
@@ -438,7 +449,7 @@ def test_arrays_round_trip_bit_exactly(process_backend_name: str) -> None:
 def test_worker_writes_are_copy_on_write(process_backend_name: str) -> None:
     array = np.arange(MiB // 4, dtype=np.float64)
     before = array.copy()
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         sums = list(executor.map(add_one_in_place, [array, array]))
         assert sums == [float((before + 1).sum())] * 2  # each task saw the original
         (changed,) = executor.map(add_one_and_return, [array])
@@ -454,7 +465,7 @@ def test_same_array_to_many_tasks_is_written_once(
     array = np.ones(MiB // 4)  # 2 MiB
     # Same machine: one shared-memory segment; dask: scattered once.
     written = stored_sizes if _stores_buffers(process_backend_name) else parent_writes
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         totals = list(executor.map(float, [array.sum()] * 3))  # warm-up, nothing large
         assert parent_writes == stored_sizes == []
         totals = list(executor.map(sum_of, [array] * 12, range(12), chunksize=1))
@@ -483,7 +494,7 @@ def test_same_array_to_many_tasks_is_written_once(
 def test_small_arguments_never_touch_shared_memory(
     process_backend_name: str, parent_writes: list[int]
 ) -> None:
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         assert list(executor.map(echo, ["a", 1, b"x" * 1000, np.arange(5)]))[:3] == [
             "a",
             1,
@@ -494,7 +505,7 @@ def test_small_arguments_never_touch_shared_memory(
 
 def test_buffer_types_round_trip_through_workers(process_backend_name: str) -> None:
     payload = os.urandom(MiB + 3)
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         results = list(executor.map(describe, [payload, bytearray(payload), memoryview(payload)]))
         assert results == [("bytes", payload), ("bytearray", payload), ("memoryview", payload)]
         back = list(executor.map(echo, [payload, bytearray(payload), memoryview(payload)]))
@@ -519,7 +530,7 @@ def test_pyarrow_buffers_and_tables_round_trip(
 
     buffer = pa.py_buffer(os.urandom(2 * MiB))
     table = pa.table({"x": np.arange(MiB // 4, dtype=np.int64)})
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         seen = list(executor.map(arrow_summary, [buffer, table]))
         assert seen == [("Buffer", 2 * MiB), ("Table", int(np.arange(MiB // 4).sum()))]
         if _same_machine(process_backend_name):
@@ -536,7 +547,7 @@ def test_memmap_reaches_workers_by_name(process_backend_name: str, tmp_path: Pat
     mapped = np.memmap(tmp_path / "a.bin", dtype=np.float64, mode="w+", shape=(MiB,))
     mapped[:] = np.arange(MiB)
     mapped.flush()
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         (info,) = executor.map(memmap_info, [mapped[8:]])
     if _same_machine(process_backend_name):
         assert info == ("memmap", str(tmp_path / "a.bin"), [8.0, 9.0, 10.0, 11.0])
@@ -546,7 +557,7 @@ def test_memmap_reaches_workers_by_name(process_backend_name: str, tmp_path: Pat
 
 
 def test_task_error_leaves_no_segment(process_backend_name: str) -> None:
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         with pytest.raises(ValueError, match="refused an array of 2097152 bytes"):
             list(executor.map(fail_with_large_argument, [np.zeros(MiB // 4)] * 3))
         future = executor.submit(fail_with_large_argument, np.zeros(MiB // 4))
@@ -576,7 +587,7 @@ def test_large_results_of_small_calls_come_back_through_shared_memory(
         return real(path, nbytes, private=private)
 
     monkeypatch.setattr(arena_module, "map_segment", counting)
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         (first,) = executor.map(make_large, [2 * MiB])
         second = executor.submit(make_large, 2 * MiB).result(timeout=60)
     assert first.sum() == second.sum() == 7.0 * (2 * MiB // 8)
@@ -584,7 +595,7 @@ def test_large_results_of_small_calls_come_back_through_shared_memory(
 
 
 def test_results_abandoned_mid_map_leave_no_segment(process_backend_name: str) -> None:
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         run = executor.map(make_large, [2 * MiB] * 8, chunksize=1)
         first = next(iter(run))
         assert first.nbytes == 2 * MiB
@@ -730,7 +741,7 @@ def test_shared_array_is_sent_by_name_and_never_copied(
     shared = shm.shared_array(source)
     assert isinstance(shared, np.memmap) and np.array_equal(shared, source)
     (path,) = [p for p in _ours() if "shared-" in p]
-    with procession.Executor(backend=process_backend_name, workers=2) as executor:
+    with _executor(process_backend_name) as executor:
         for _ in range(3):
             got = list(executor.map(bump_and_describe, [shared, shared[8:]]))
             expected_total = float(shared.sum()) + shared.size
