@@ -332,6 +332,16 @@ def test_full_shm_falls_back_to_the_temp_folder(monkeypatch: pytest.MonkeyPatch)
         arena.close()
 
 
+def test_shared_array_falls_back_to_the_temp_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arena_module, "_room", lambda directory: 0)
+    monkeypatch.setattr(arena_module._get_owner(), "warned_full", False)
+    with pytest.warns(shm.SharedMemoryFullWarning, match="/dev/shm has no room"):
+        shared = shm.shared_array(np.arange(1000.0))
+    assert str(shared.filename).startswith(arena_module._directories()[1])
+    assert np.array_equal(shared, np.arange(1000.0))
+    del shared
+
+
 def test_threshold_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert shm.parse_size("4MiB") == 4 * MiB and shm.parse_size(" 512k ") == 512 * 1024
     assert shm.parse_size(1) == 1

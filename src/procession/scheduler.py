@@ -416,12 +416,7 @@ class MapRun:
             stop_on_error=self._stop_on_error,
         )
         chunk.submitted_at = time.monotonic()
-        attachments = self._arena.attachments(chunk.lease)
-        if attachments:
-            future = self._backend.submit_with_buffers(task, attachments)
-        else:
-            future = self._backend.submit(task)
-        self._pending[future] = chunk
+        self._pending[_submit(self._backend, self._arena, task, chunk.lease)] = chunk
 
     # -- receiving ----------------------------------------------------------
 
@@ -613,6 +608,16 @@ class MapRun:
             self._enforce_timeouts()
 
 
+def _submit(
+    backend: Backend, arena: shm.InBand, task: bytes, lease: shm.arena.Lease | None
+) -> TaskFuture:
+    """Hand ``task`` to ``backend``, with the stored buffers it names, if any."""
+    attachments = arena.attachments(lease)
+    if attachments:
+        return backend.submit_with_buffers(task, attachments)
+    return backend.submit(task)
+
+
 def _draining(values: list[Any]) -> Iterator[Any]:
     """Iterate ``values`` in order, letting go of each one as it is yielded.
 
@@ -683,11 +688,7 @@ def submit_call(
     del args, kwargs  # a finished future keeps no reference to its arguments
     try:
         backend.start()
-        attachments = arena.attachments(lease)
-        if attachments:
-            task_future = backend.submit_with_buffers(task, attachments)
-        else:
-            task_future = backend.submit(task)
+        task_future = _submit(backend, arena, task, lease)
     except BaseException:
         arena.close()
         raise

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -244,8 +244,20 @@ def _room(directory: str) -> int:
 
 def write_segment(name: str, data: memoryview, directories: tuple[str, str]) -> str:
     """Write ``data`` (1-D bytes) to a new file ``name`` in the first directory with room."""
+    return _place(name, len(data), directories, lambda fd: _write_all(fd, data))
+
+
+def reserve_segment(name: str, nbytes: int, directories: tuple[str, str]) -> str:
+    """A new zero-filled file ``name`` of ``nbytes``, its pages reserved now (writing
+    through a map of a file whose filesystem fills up later would be a SIGBUS)."""
+    return _place(name, nbytes, directories, lambda fd: os.posix_fallocate(fd, 0, nbytes))
+
+
+def _place(
+    name: str, nbytes: int, directories: tuple[str, str], fill: Callable[[int], None]
+) -> str:
+    """Create ``name`` in ``/dev/shm``, or the temp folder once that is full, and ``fill`` it."""
     shm, fallback = directories
-    nbytes = len(data)
     candidates = [shm, fallback] if os.path.isdir(shm) else [fallback]
     for directory in candidates:
         if directory == shm and _room(shm) < nbytes:
@@ -254,13 +266,13 @@ def write_segment(name: str, data: memoryview, directories: tuple[str, str]) -> 
         path = os.path.join(directory, name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            fill(fd)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
             if directory == shm and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 _warn_full(nbytes, fallback)
-                continue  # filled up while we wrote: try the temp folder
+                continue  # filled up meanwhile: try the temp folder
             raise
         os.close(fd)
         return path
@@ -466,8 +478,7 @@ class _Segment:
     pinned: bool = False
     # The parent's own read-only map, made on the first reuse to check the contents.
     view: mmap.mmap | None = None
-    # A backend's store: the parent's copy, and the backend's handle for it.
-    copy: bytes | None = None
+    # A backend's store: its handle (``stored.data`` is the parent's copy).
     stored: StoredBuffer | None = None
 
 
@@ -703,23 +714,20 @@ class StoredArena(Arena):
     def _create(self, name: str, raw: memoryview, exporter: Any) -> _Segment:
         # A copy: the backend may keep it past this call, and the caller may
         # change its array once the map has read it.
-        copy = raw.tobytes()
-        stored = self._store.store_buffer(copy)
-        segment = _Segment(stored.key, raw.nbytes, exporter, users=1, copy=copy, stored=stored)
+        stored = self._store.store_buffer(raw.tobytes())
+        segment = _Segment(stored.key, raw.nbytes, exporter, users=1, stored=stored)
         with self._lock:
-            if self._closed:
-                self._live.clear()
-                closed = True
-            else:
+            closed = self._closed
+            if not closed:
                 self._live[id(segment)] = segment
-                closed = False
-        if closed:
+        if closed:  # the map ended while this buffer was being stored
             self._remove([segment])
             raise RuntimeError("this map has finished: its buffer store is closed")
         return segment
 
     def _unchanged(self, raw: memoryview, segment: _Segment) -> bool:
-        return _same_content(raw, segment.copy)
+        assert segment.stored is not None
+        return _same_content(raw, segment.stored.data)
 
     def _remove(self, segments: list[_Segment]) -> None:
         stored = []
@@ -728,7 +736,6 @@ class StoredArena(Arena):
                 self._live.pop(id(segment), None)
                 if segment.stored is not None:
                     stored.append(segment.stored)
-                segment.copy = None
         if stored:
             self._store.drop_buffers(stored)
 

@@ -89,22 +89,9 @@ def shared_array(
 def _new_file(nbytes: int) -> str:
     owner = arena._get_owner()
     if owner.janitor is None:
-        arena._start_janitor(owner)
-    shm_dir, fallback = arena._directories()
-    directory = shm_dir
-    if not os.path.isdir(shm_dir) or arena._room(shm_dir) < nbytes:
-        arena._warn_full(nbytes, fallback)
-        directory = fallback
-    path = os.path.join(directory, f"{owner.prefix}shared-{next(_numbers)}")
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-    except BaseException:
-        os.close(fd)
-        _unlink(path)
-        raise
-    os.close(fd)
-    return path
+        arena._start_janitor(owner)  # it sweeps this file too if the parent is killed
+    name = f"{owner.prefix}shared-{next(_numbers)}"
+    return arena.reserve_segment(name, nbytes, arena._directories())
 
 
 def _unlink(path: str) -> None:
