@@ -33,7 +33,8 @@ def grow_logged(args: tuple[int, str]) -> int:
 def grow_then_sigkill(mib: int) -> int:
     """Look like a victim of the kernel's OOM killer: big, then SIGKILL from outside."""
     block = b"x" * (mib * MIB)
-    time.sleep(1.5)  # long enough for an idle-rate sample
+    # Several idle-rate samples (every 0.5 s): one alone can be missed on a loaded machine.
+    time.sleep(3.0)
     os.kill(os.getpid(), signal.SIGKILL)
     return len(block)
 
